@@ -1,0 +1,101 @@
+"""Safe checkpoint loading for mmengine under torch >= 2.6.
+
+torch.load defaults to ``weights_only=True``, which refuses mmengine Runner
+checkpoints because they carry numpy scalars/arrays and mmengine's
+``HistoryBuffer``. Rather than switching that safety off, this module
+allow-lists exactly those types for the duration of our own loads and
+replaces mmengine's local-file loader with :func:`safe_load`, so a
+checkpoint that carries pickled code (``os.system``, ``eval``...) is still
+refused, with a message that says why.
+"""
+from __future__ import annotations
+
+import os
+import os.path as osp
+import pickle
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs a Python object that is not on the allow-list."""
+
+
+def _history_statistic(owner: Any, name: str) -> Any:
+    """Stands in for ``getattr`` while unpickling.
+
+    A pickled ``HistoryBuffer`` refers to its statistics methods as
+    ``getattr(HistoryBuffer, 'mean')``. A general ``getattr`` would let a
+    crafted file reach methods such as ``ndarray.tofile``, so only those
+    lookups are resolved.
+    """
+    from mmengine.logging import HistoryBuffer
+
+    if owner is HistoryBuffer and name in _HISTORY_STATISTICS:
+        return getattr(HistoryBuffer, name)
+    raise pickle.UnpicklingError(
+        f'refused getattr({owner!r}, {name!r}): only mmengine '
+        'HistoryBuffer statistics may be looked up from a checkpoint')
+
+
+_HISTORY_STATISTICS = ('min', 'max', 'current', 'mean')
+
+
+def _allowed_globals() -> list:
+    """Types a Runner checkpoint legitimately holds, and nothing callable
+    beyond the HistoryBuffer statistics lookup."""
+    from mmengine.logging import HistoryBuffer
+
+    multiarray = np._core.multiarray if hasattr(np, '_core') \
+        else np.core.multiarray
+    allowed: list = [
+        HistoryBuffer, np.ndarray, np.dtype, multiarray.scalar,
+        multiarray._reconstruct, bytes,
+        (_history_statistic, 'builtins.getattr')
+    ]
+    # numpy >= 1.25 pickles dtypes through their per-type classes.
+    allowed += [
+        getattr(np.dtypes, name) for name in dir(np.dtypes)
+        if name.endswith('DType')
+    ]
+    return allowed
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = 'cpu') -> Any:
+    """``torch.load`` with ``weights_only=True`` and the minimal allow-list.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        UnsafeCheckpointError: the file asks for an object outside the
+            allow-list (possibly code); it is not loaded.
+    """
+    path = osp.expanduser(os.fspath(path))
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} not found')
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location,
+                              weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(
+            f'refused to load {path!r}: it needs Python objects outside the '
+            'allow-list of safe types (weights, numpy arrays, mmengine '
+            'history), which could run code when unpickled. Load only '
+            'checkpoints you trust; if you do trust this one, re-save its '
+            f'tensors with torch.save(state_dict). Details: {err}') from err
+
+
+def _mmengine_local_loader(filename: str, map_location: Any) -> Any:
+    return safe_load(filename, map_location)
+
+
+def register_safe_loader() -> None:
+    """Route mmengine's local checkpoint loading (load_from, resume,
+    ``init_cfg`` of type Pretrained) through :func:`safe_load`."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    CheckpointLoader.register_scheme(prefixes='',
+                                     loader=_mmengine_local_loader,
+                                     force=True)

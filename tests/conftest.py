@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny generated dataset and configs pointed at it."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SWIN_CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_30e_shapes.py'
+
+
+@pytest.fixture(scope='session')
+def tiny_shapes(tmp_path_factory) -> Path:
+    """Six training and four validation images of 96 px."""
+    from gplq_mmdet.datagen import ShapesConfig, generate
+
+    out = tmp_path_factory.mktemp('data') / 'shapes'
+    return generate(out, ShapesConfig(num_train=6, num_val=4, image_size=96,
+                                      seed=3))
+
+
+def point_config_at(cfg, data_root: Path, work_dir: Path,
+                    image_size: int = 96):
+    """Make a shapes config read ``data_root`` at ``image_size`` px, with
+    single-process loaders and a tiny schedule."""
+    cfg = copy.deepcopy(cfg)
+    root = str(data_root) + '/'
+    cfg.work_dir = str(work_dir)
+    for name in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        loader = cfg[name]
+        loader.num_workers = 0
+        loader.persistent_workers = False
+        loader.batch_size = 2
+        loader.dataset.data_root = root
+        for step in loader.dataset.pipeline:
+            if step['type'] == 'Resize':
+                step['scale'] = (image_size, image_size)
+    for name in ('val_evaluator', 'test_evaluator'):
+        cfg[name].ann_file = root + 'annotations/instances_val.json'
+    cfg.default_hooks.logger.interval = 1
+    cfg.default_hooks.checkpoint.interval = 1
+    cfg.log_level = 'WARNING'
+    return cfg
