@@ -6,21 +6,33 @@ Importing it registers the plugin's backbones and hooks into mmdet's
 registries and routes mmengine's checkpoint loading through
 :func:`gplq_mmdet.checkpoint.safe_load`.
 """
-from .backbones import (ActQuantDetector, QuantSwinTransformer, QuantTimmViT,
-                        TimmViT)
+from .backbones import (
+                        ActQuantDetector,
+                        QuantSwinTransformer,
+                        QuantTimmViT,
+                        TimmViT,
+)
 from .checkpoint import register_safe_loader, safe_load
 from .config import QuantConfig
+from .hooks import ActQuantCalibrationHook, FeatureMimicHook
+from .losses import PCAMimicLoss
 from .quantizers import ActQuantizer
-from .surgery import (act_quant_disabled, calibrate_act_quant,
-                      iter_quantizers, prepare_act_quant, remove_act_quant,
-                      set_act_quant)
+from .surgery import (
+                        act_quant_disabled,
+                        calibrate_act_quant,
+                        iter_quantizers,
+                        prepare_act_quant,
+                        remove_act_quant,
+                        set_act_quant,
+)
 
 __version__ = '0.1.0'
 
 register_safe_loader()
 
 __all__ = [
-    'ActQuantDetector', 'ActQuantizer', 'QuantConfig', 'QuantSwinTransformer',
+    'ActQuantCalibrationHook', 'ActQuantDetector', 'ActQuantizer',
+    'FeatureMimicHook', 'PCAMimicLoss', 'QuantConfig', 'QuantSwinTransformer',
     'QuantTimmViT', 'TimmViT', 'act_quant_disabled', 'calibrate_act_quant',
     'iter_quantizers', 'prepare_act_quant', 'remove_act_quant', 'safe_load',
     'set_act_quant', '__version__'

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import torch
 from mmdet.models.backbones.swin import WindowMSA
-from timm.layers.attention import (Attention, maybe_add_mask,
-                                   resolve_self_attn_mask)
+from timm.layers.attention import (
+    Attention,
+    maybe_add_mask,
+    resolve_self_attn_mask,
+)
 
 from .quantizers import ActQuantizer
 

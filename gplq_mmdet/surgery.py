@@ -151,6 +151,7 @@ def remove_act_quant(model: nn.Module) -> nn.Module:
     """Undo :func:`prepare_act_quant`: hooks, quantizers, attention
     classes. The FP32 parameters are left as they are."""
     for module in model.modules():
+        module.__dict__.pop(CFG_ATTR, None)
         handle = module.__dict__.pop(_HANDLE, None)
         if handle is not None:
             handle.remove()
@@ -160,8 +161,17 @@ def remove_act_quant(model: nn.Module) -> nn.Module:
             for name in MATMUL_QUANTIZERS:
                 delattr(module, name)
             module.__class__ = original
-    model.__dict__.pop(CFG_ATTR, None)
     return model
+
+
+def quant_config_of(model: nn.Module) -> QuantConfig | None:
+    """The settings ``prepare_act_quant`` applied to ``model`` or to one of
+    its submodules (a wrapper backbone), or None."""
+    for module in model.modules():
+        cfg = module.__dict__.get(CFG_ATTR)
+        if cfg is not None:
+            return cfg
+    return None
 
 
 def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:

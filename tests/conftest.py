@@ -42,3 +42,25 @@ def point_config_at(cfg, data_root: Path, work_dir: Path,
     cfg.default_hooks.checkpoint.interval = 1
     cfg.log_level = 'WARNING'
     return cfg
+
+
+@pytest.fixture(scope='session')
+def fp32_run(tiny_shapes, tmp_path_factory):
+    """One epoch (two iterations) of FP32 training through the Runner."""
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    work = tmp_path_factory.mktemp('fp32')
+    cfg = point_config_at(Config.fromfile(str(SWIN_CONFIG)), tiny_shapes,
+                          work)
+    cfg.train_cfg.max_epochs = 1
+    cfg.train_cfg.val_interval = 1
+    cfg.param_scheduler = [dict(type='ConstantLR', factor=1.0)]
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner, work
+
+
+@pytest.fixture(scope='session')
+def fp32_checkpoint(fp32_run) -> Path:
+    return fp32_run[1] / 'epoch_1.pth'

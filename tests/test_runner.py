@@ -25,13 +25,8 @@ def _runner(tiny_shapes: Path, work_dir: Path, **overrides) -> Runner:
 
 
 @pytest.fixture(scope='module')
-def trained(tiny_shapes, tmp_path_factory):
-    """Two training iterations (6 images, batch 2 minus empty images) and a
-    validation, in one Runner."""
-    work = tmp_path_factory.mktemp('work')
-    runner = _runner(tiny_shapes, work)
-    runner.train()
-    return runner, work
+def trained(fp32_run):
+    return fp32_run
 
 
 def test_train_then_evaluate_reports_coco_map(trained):

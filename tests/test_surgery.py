@@ -8,10 +8,16 @@ from mmdet.models.backbones.swin import WindowMSA
 from timm.layers.attention import Attention
 from torch import nn
 
-from gplq_mmdet import (TimmViT, act_quant_disabled, calibrate_act_quant,
-                        iter_quantizers, prepare_act_quant, remove_act_quant)
+from gplq_mmdet import (
+    TimmViT,
+    act_quant_disabled,
+    calibrate_act_quant,
+    iter_quantizers,
+    prepare_act_quant,
+    remove_act_quant,
+)
 from gplq_mmdet.attention import QuantTimmAttention, QuantWindowMSA
-from gplq_mmdet.surgery import UnsupportedModelError
+from gplq_mmdet.surgery import UnsupportedModelError, quant_config_of
 
 
 def _swin() -> SwinTransformer:
@@ -116,7 +122,9 @@ def test_remove_restores_the_fp32_model():
     x = torch.randn(1, 3, 64, 64)
     _calibrate(model, [x])
     assert set(model.state_dict()) > keys
+    assert quant_config_of(model).a_bits == 3
     remove_act_quant(model)
+    assert quant_config_of(model) is None
     assert set(model.state_dict()) == keys
     assert not any(isinstance(m, (QuantWindowMSA,)) for m in model.modules())
     with torch.no_grad():
