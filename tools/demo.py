@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
+from gplq_mmdet.cli import data_root_options, default_echo, run_step
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_30e_shapes.py'
+CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP',
            'segm_mAP_50', 'segm_mAP_75')
 
@@ -40,23 +40,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Run one step, teeing its output to ``log``; return its wall time."""
-    print('$ ' + ' '.join(cmd), flush=True)
-    start = time.perf_counter()
-    with open(log, 'w') as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            if 'Epoch(' in line or line.startswith(('Traceback', 'error')):
-                print('  ' + line.rstrip()[:160], flush=True)
-        proc.wait()
-    if proc.returncode != 0:
-        sys.exit(f'demo: step failed (exit {proc.returncode}); see {log}')
-    return time.perf_counter() - start
-
-
 def main() -> None:
     args = parse_args()
     suffix = '-quick' if args.quick else ''
@@ -68,15 +51,9 @@ def main() -> None:
     make = [py, 'tools/make_shapes_coco.py', str(data)]
     if args.quick:
         make += ['--num-train', '16', '--num-val', '8', '--image-size', '96']
-    run(make, work / 'make_data.log')
+    run_step(make, work / 'make_data.log', ROOT, default_echo)
 
-    data_opts = [
-        f'train_dataloader.dataset.data_root={data}/',
-        f'val_dataloader.dataset.data_root={data}/',
-        f'test_dataloader.dataset.data_root={data}/',
-        f'val_evaluator.ann_file={data}/annotations/instances_val.json',
-        f'test_evaluator.ann_file={data}/annotations/instances_val.json',
-    ]
+    data_opts = data_root_options(data)
     train_opts = list(data_opts)
     if args.quick:
         train_opts += ['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
@@ -91,18 +68,18 @@ def main() -> None:
               f"{record['seconds'] / 60:.1f} min); delete {fp32_dir} to "
               'retrain')
     else:
-        seconds = run([py, 'tools/train.py', str(CONFIG), '--work-dir',
+        seconds = run_step([py, 'tools/train.py', str(CONFIG), '--work-dir',
                        str(fp32_dir), '--cfg-options'] + train_opts,
-                      work / 'train_fp32.log')
+                      work / 'train_fp32.log', ROOT, default_echo)
         last = (fp32_dir / 'last_checkpoint').read_text().strip()
         record = dict(seconds=seconds, checkpoint=last)
         record_file.write_text(json.dumps(record))
     checkpoint, train_s = record['checkpoint'], record['seconds']
 
     test_dir = work / 'fp32_test'
-    run([py, 'tools/test.py', str(CONFIG), checkpoint, '--work-dir',
+    run_step([py, 'tools/test.py', str(CONFIG), checkpoint, '--work-dir',
          str(test_dir), '--cfg-options'] + data_opts,
-        work / 'test_fp32.log')
+        work / 'test_fp32.log', ROOT, default_echo)
     metrics = json.loads((test_dir / 'metrics.json').read_text())
 
     header = '| model | ' + ' | '.join(METRICS) + ' | train time |'

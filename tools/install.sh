@@ -64,7 +64,7 @@ WRAP
     "${pip[@]}" --no-build-isolation "${links[@]}" mmcv==2.1.0
 fi
 
-"${pip[@]}" mmdet==3.3.0 timm==1.0.31 pytest ruff matplotlib \
+"${pip[@]}" mmdet==3.3.0 timm==1.0.31 pytest ruff matplotlib onnx onnxruntime \
   "setuptools>=77,<81"
 "${pip[@]}" --no-deps --no-build-isolation -e "$root"
 
