@@ -4,32 +4,25 @@
 #   python tools/train.py configs/gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py
 # For another FP32 checkpoint override both places it is used:
 #   --cfg-options load_from=PATH custom_hooks.1.teacher_checkpoint=PATH
-_base_ = './mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
-
+_base_ = [
+    './mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py',
+    './_base_/gplq-w32a4_stage1.py',
+]
 fp32_checkpoint = 'work_dirs/demo/fp32/epoch_20.pth'
 load_from = fp32_checkpoint
+model = dict(
+    backbone=dict(
+        type='QuantSwinTransformer', quant_cfg={{_base_.gplq_quant_cfg}}))
 
-quant_cfg = dict(
-    a_bits=4,
-    a_granularity='per_channel',
-    attn_granularity='per_tensor',
-    patch_embed_bits=8,
-    scope='backbone')
-model = dict(backbone=dict(type='QuantSwinTransformer', quant_cfg=quant_cfg))
-
-# One epoch at a constant, tiny learning rate (METHOD.md: 5e-6 at batch 128,
-# 1e-6 at batch 32 and below). The steps get their own rate (1e-3) and no
-# weight decay: at 1e-6 they would barely move in one short epoch.
-max_epochs = 1
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+train_cfg = dict(max_epochs=1, val_interval=1)
 param_scheduler = []
 optim_wrapper = dict(
-    optimizer=dict(lr=1e-6),
+    optimizer=dict(lr={{_base_.gplq_lr}}),
     paramwise_cfg=dict(
-        custom_keys={'_quantizer.step': dict(lr_mult=1000.0,
-                                             decay_mult=0.0)}))
+        custom_keys={'_quantizer.step': {{_base_.gplq_step_options}}}))
 custom_hooks = [
-    dict(type='ActQuantCalibrationHook', num_batches=8),
+    dict(type='ActQuantCalibrationHook',
+         num_batches={{_base_.gplq_calibration_batches}}),
     dict(type='FeatureMimicHook', mode='pca', loss_weight=1.0,
          features='neck', teacher_checkpoint=fp32_checkpoint),
 ]

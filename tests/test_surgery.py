@@ -175,3 +175,56 @@ def test_bad_input_is_explained():
         calibrate_act_quant(model, [], model, num_batches=4)
     # A failed calibration leaves no quantizer stuck in observing mode.
     assert not any(q.calibrating for _, q in iter_quantizers(model))
+
+
+def test_scope_all_quantizes_neck_and_heads_through_the_registry():
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    from gplq_mmdet.hooks import _tensor_forward
+
+    from .conftest import SWIN_CONFIG
+
+    register_all_modules()
+    cfg = Config.fromfile(str(SWIN_CONFIG))
+    model = MODELS.build(dict(type='ActQuantDetector', detector=cfg.model,
+                              quant_cfg=dict(scope='all')))
+    assert type(model).__name__ == 'MaskRCNN'  # not a wrapper: same keys
+    assert quant_config_of(model).scope == 'all'
+    lateral = model.neck.lateral_convs[0].conv
+    assert lateral.input_quantizer.channel_dim == 1
+    assert lateral.input_quantizer.step.numel() == lateral.in_channels
+    assert hasattr(model.rpn_head.rpn_conv, 'input_quantizer')
+    assert hasattr(model.roi_head.bbox_head.shared_fcs[0], 'input_quantizer')
+    assert hasattr(model.roi_head.mask_head.conv_logits, 'input_quantizer')
+    assert not hasattr(model.roi_head.mask_head.upsample, 'input_quantizer')
+    names = [n for n, _ in iter_quantizers(model)]
+    assert any(n.startswith('backbone.') for n in names)
+    # Calibrate through the whole detector, heads included.
+    from mmdet.structures import DetDataSample
+    sample = DetDataSample(metainfo=dict(img_shape=(64, 64),
+                                         ori_shape=(64, 64),
+                                         pad_shape=(64, 64),
+                                         batch_input_shape=(64, 64),
+                                         scale_factor=(1.0, 1.0)))
+    batch = dict(inputs=[torch.randint(0, 255, (3, 64, 64)).float()],
+                 data_samples=[sample])
+    model.eval()
+    calibrate_act_quant(model, [batch], _tensor_forward(model), 1)
+    assert all(bool(q.calibrated) for _, q in iter_quantizers(model))
+
+
+def test_per_token_cannot_quantize_convolutions():
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+
+    from .conftest import SWIN_CONFIG
+
+    register_all_modules()
+    cfg = Config.fromfile(str(SWIN_CONFIG))
+    with pytest.raises(ValueError, match="need 'per_channel' or"):
+        MODELS.build(dict(type='ActQuantDetector', detector=cfg.model,
+                          quant_cfg=dict(scope='all',
+                                         a_granularity='per_token')))

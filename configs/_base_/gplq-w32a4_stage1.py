@@ -1,0 +1,19 @@
+# GPLQ stage-1 settings shared by the stage-1 configs. Combined with an mmdet
+# base config, so every name here is new to mmdet (``gplq_*``); a stage-1
+# config assigns them to ``optim_wrapper``, ``custom_hooks``, ... itself.
+
+# 4-bit activations: every Linear input of the backbone per channel, the
+# attention matmul operands per tensor, the patch-embedding input at 8 bits.
+gplq_quant_cfg = dict(
+    a_bits=4,
+    a_granularity='per_channel',
+    attn_granularity='per_tensor',
+    patch_embed_bits=8,
+    scope='backbone')
+
+# One epoch at a constant, tiny learning rate (METHOD.md: 5e-6 at batch 128,
+# 2.5e-6 at 64, 1e-6 at 32 and below). The steps get their own rate (1e-3)
+# and no weight decay: at 1e-6 they would barely move in one epoch.
+gplq_lr = 1e-6
+gplq_step_options = dict(lr_mult=1000.0, decay_mult=0.0)
+gplq_calibration_batches = 8

@@ -1,0 +1,35 @@
+# GPLQ stage 1 (W32A4) for mmdet's Mask R-CNN Swin-T 3x on COCO (the paper's
+# detection table, METHOD.md): activations at 4 bits in the Swin backbone,
+# FP32 weights, one epoch of train2017 from the model-zoo FP32 checkpoint,
+# batch 1 per GPU (8 GPUs: lr 1e-6), PCA mimic loss on the FPN levels.
+# Not run here (no COCO, no GPU on the development machines).
+#   bash tools/dist_train.sh configs/gplq-w32a4_mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x-1e_coco.py 8
+_base_ = [
+    'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
+    './_base_/gplq-w32a4_stage1.py',
+]
+custom_imports = dict(imports=['gplq_mmdet'], allow_failed_imports=False)
+# mmdet model zoo; replace with a local path if you have the file.
+fp32_checkpoint = 'https://download.openmmlab.com/mmdetection/v2.0/swin/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco/mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth'  # noqa
+load_from = fp32_checkpoint
+model = dict(
+    backbone=dict(
+        type='QuantSwinTransformer',
+        init_cfg=None,
+        quant_cfg={{_base_.gplq_quant_cfg}}))
+
+train_dataloader = dict(batch_size=1, num_workers=2)
+train_cfg = dict(max_epochs=1, val_interval=1)
+param_scheduler = []
+optim_wrapper = dict(
+    optimizer=dict(lr={{_base_.gplq_lr}}),
+    paramwise_cfg=dict(
+        custom_keys={'_quantizer.step': {{_base_.gplq_step_options}}}))
+custom_hooks = [
+    dict(type='ActQuantCalibrationHook',
+         num_batches={{_base_.gplq_calibration_batches}}),
+    dict(type='FeatureMimicHook', mode='pca', loss_weight=1.0,
+         features='neck', teacher_checkpoint=fp32_checkpoint),
+]
+default_hooks = dict(checkpoint=dict(interval=1))
+auto_scale_lr = dict(enable=False, base_batch_size=8)
