@@ -2,9 +2,16 @@
 import pytest
 import torch
 
-from gplq_mmdet.ptq import (CLIP_METHODS, dequantize, fake_quant_rows,
-                            gptq_quantize, pack_int, quantize_weight,
-                            unpack_int, weight_scales)
+from gplq_mmdet.ptq import (
+    CLIP_METHODS,
+    dequantize,
+    fake_quant_rows,
+    gptq_quantize,
+    pack_int,
+    quantize_weight,
+    unpack_int,
+    weight_scales,
+)
 
 
 def _heavy_tailed(out=64, inp=256, seed=0) -> torch.Tensor:
