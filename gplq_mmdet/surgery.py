@@ -48,7 +48,7 @@ def _add_input_quantizer(module: nn.Module, quantizer: ActQuantizer) -> None:
         _quantize_input))
 
 
-def _patch_embed_conv(backbone: nn.Module) -> nn.Conv2d:
+def patch_embed_conv(backbone: nn.Module) -> nn.Conv2d:
     """The convolution that embeds image patches, for supported backbones."""
     from mmdet.models.backbones import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
@@ -67,7 +67,7 @@ def _patch_embed_conv(backbone: nn.Module) -> nn.Conv2d:
         'VisionTransformer models (type=QuantTimmViT) and their detectors')
 
 
-def _split_detector(model: nn.Module) -> tuple[nn.Module, bool]:
+def split_detector(model: nn.Module) -> tuple[nn.Module, bool]:
     """(backbone, is_detector) for a detector or a bare backbone."""
     from mmdet.models.detectors import BaseDetector
 
@@ -108,8 +108,8 @@ def prepare_act_quant(model: nn.Module,
         True
     """
     cfg = QuantConfig.from_dict(cfg)
-    backbone, is_detector = _split_detector(model)
-    patch_conv = _patch_embed_conv(backbone)
+    backbone, is_detector = split_detector(model)
+    patch_conv = patch_embed_conv(backbone)
     if any(True for _ in iter_quantizers(model)):
         raise ValueError('the model already has activation quantizers; '
                          'call remove_act_quant(model) first')

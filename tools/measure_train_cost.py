@@ -44,12 +44,10 @@ def main() -> None:
     cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=args.iters,
                          val_interval=args.iters + 1)
     cfg.param_scheduler = []
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook',
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False,
                                         interval=args.iters + 1)
     cfg.default_hooks.logger = dict(type='LoggerHook', interval=1)
     cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
-    cfg.train_dataloader.sampler = dict(type='InfiniteSampler', shuffle=True)
-    cfg.train_dataloader.pop('batch_sampler', None)
     runner = Runner.from_cfg(cfg)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
