@@ -5,9 +5,13 @@ from mmdet.models.backbones import SwinTransformer
 from torch import nn
 
 from gplq_mmdet import calibrate_act_quant, prepare_act_quant
-from gplq_mmdet.stage2 import (WeightQuantConfig, packed_state,
-                               quantize_weights_, unpack_state,
-                               weight_quant_targets)
+from gplq_mmdet.stage2 import (
+    WeightQuantConfig,
+    packed_state,
+    quantize_weights_,
+    unpack_state,
+    weight_quant_targets,
+)
 
 
 def _stage1_swin() -> SwinTransformer:
