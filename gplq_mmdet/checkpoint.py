@@ -88,7 +88,15 @@ def safe_load(path: str | os.PathLike, map_location: Any = 'cpu') -> Any:
 
 
 def _mmengine_local_loader(filename: str, map_location: Any) -> Any:
-    return safe_load(filename, map_location)
+    """Safe load; a packed W4 checkpoint (tools/quantize.py) comes back as
+    a plain one with dequantized weights, so every mmdet tool can use it."""
+    from .stage2 import PACKED_KEY, unpack_state
+
+    ckpt = safe_load(filename, map_location)
+    if isinstance(ckpt, dict) and PACKED_KEY in ckpt:
+        ckpt = dict(ckpt, state_dict=unpack_state(ckpt))
+        del ckpt[PACKED_KEY]
+    return ckpt
 
 
 def register_safe_loader() -> None:

@@ -73,3 +73,20 @@ def test_needs_stage1_and_valid_settings():
         WeightQuantConfig(method='best')
     with pytest.raises(ValueError, match='needs calibration batches'):
         quantize_weights_(_stage1_swin(), dict(gptq=True))
+
+
+def test_mmengine_loads_a_packed_checkpoint_as_dequantized_weights(
+        tmp_path):
+    from mmengine.runner.checkpoint import load_checkpoint
+
+    swin = _stage1_swin()
+    quantize_weights_(swin, dict(w_bits=3))
+    path = tmp_path / 'w3a4.pth'
+    torch.save(dict(packed_state(swin), meta=dict(note='test')), path)
+    fresh = _stage1_swin()
+    torch.nn.init.zeros_(fresh.stages[0].blocks[0].attn.w_msa.qkv.weight)
+    load_checkpoint(fresh, str(path), strict=True, logger='silent')
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(swin(x), fresh(x), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
