@@ -1,0 +1,189 @@
+"""Stage 2 through an mmengine Runner: what ``tools/quantize.py`` does.
+
+Order matters: ``Runner.test()`` loads ``load_from`` before testing, which
+would overwrite weights quantized earlier. :func:`quantize_runner` therefore
+loads the checkpoint first (``runner.load_or_resume()`` marks it loaded),
+then calibrates/quantizes in place, and only then may ``runner.test()``
+run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmengine.logging import MMLogger
+from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
+
+from . import __version__
+from .checkpoint import safe_load
+from .hooks import _tensor_forward
+from .stage2 import (
+    PACKED_KEY,
+    WeightQuantConfig,
+    packed_state,
+    quantize_weights_,
+    unpack_state,
+)
+from .surgery import calibrate_act_quant, iter_quantizers, quant_config_of
+
+
+class Stage2Error(ValueError):
+    """Bad input to stage 2 (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class Stage2Options:
+    """What ``tools/quantize.py`` was asked to do."""
+
+    weights: WeightQuantConfig
+    calib_batches: int = 32
+    ptq_only: bool = False
+    act_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.calib_batches < 1:
+            raise Stage2Error(f'--calib-batches must be >= 1, got '
+                              f'{self.calib_batches}')
+        if self.ptq_only and self.act_only:
+            raise Stage2Error('--ptq-only and --act-only exclude each other')
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if is_model_wrapper(model) else model
+
+
+def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
+    """The (unpacked) state dict of a plain, Runner or packed checkpoint."""
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict):
+        raise Stage2Error(f'{path} is not a checkpoint dict')
+    if PACKED_KEY in ckpt:
+        return unpack_state(ckpt)
+    return ckpt.get('state_dict', ckpt)
+
+
+def check_matches(model: torch.nn.Module, state: dict, path: str) -> None:
+    """The checkpoint must hold every non-quantizer tensor of the model,
+    with the same shapes, and nothing else but quantizer state."""
+    own = model.state_dict()
+
+    def quantizer_key(key: str) -> bool:
+        return '_quantizer.' in key or key.endswith('.weight_scale')
+
+    missing = sorted(k for k in own if k not in state and not
+                     quantizer_key(k))
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(k for k in own if k in state
+                    and own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        raise Stage2Error(
+            f'checkpoint {path} does not match the config: missing '
+            f'{missing[:5]}, unexpected {unexpected[:5]}, wrong shape '
+            f'{shapes[:5]} (first 5 of each). Use the config the checkpoint '
+            'was trained with (stage 1 config for a stage-1 checkpoint).')
+
+
+def calibration_loader(runner: Runner, num_batches: int):
+    """Training images through the test pipeline (no random augmentation),
+    in order: calibration is deterministic."""
+    cfg = copy.deepcopy(runner.cfg.train_dataloader)
+    cfg.sampler = dict(type='DefaultSampler', shuffle=False)
+    cfg.pop('batch_sampler', None)
+    cfg.persistent_workers = False
+    cfg.dataset.pipeline = copy.deepcopy(runner.cfg.test_dataloader.dataset
+                                         .pipeline)
+    loader = Runner.build_dataloader(cfg, seed=0)
+    available = len(loader)
+    if num_batches > available:
+        raise Stage2Error(
+            f'--calib-batches {num_batches} is more than the {available} '
+            f'batches of the training set ({len(loader.dataset)} images, '
+            f'batch {cfg.batch_size}); use at most {available}')
+    return loader
+
+
+def quantize_runner(runner: Runner, checkpoint: str,
+                    options: Stage2Options) -> dict[str, Any]:
+    """Load ``checkpoint`` into the runner's model, make sure activation
+    steps exist (stage 1, or PTQ-only calibration), quantize the weights
+    and return the metadata describing what was done."""
+    model = _unwrap(runner.model)
+    if quant_config_of(model) is None:
+        raise Stage2Error(
+            'the config has no activation quantizers: use a stage-1 config '
+            "(backbone type 'QuantSwinTransformer'/'QuantTimmViT')")
+    state = checkpoint_state(checkpoint)
+    check_matches(model, state, checkpoint)
+    runner.load_or_resume()
+    quantizers = [q for _, q in iter_quantizers(model)]
+    has_steps = any(k.endswith('_quantizer.step') for k in state)
+    logger = MMLogger.get_current_instance()
+    loader = calibration_loader(runner, options.calib_batches)
+    model.eval()
+    forward = _tensor_forward(model)
+    if options.ptq_only:
+        if has_steps:
+            raise Stage2Error(
+                f'{checkpoint} already holds stage-1 activation steps; '
+                '--ptq-only starts from an FP32 checkpoint')
+        used = calibrate_act_quant(model, loader, forward,
+                                   options.calib_batches)
+        logger.info(f'PTQ-only: calibrated {len(quantizers)} activation '
+                    f'steps on {used} batches')
+    elif not has_steps or not all(bool(q.calibrated) for q in quantizers):
+        raise Stage2Error(
+            f'{checkpoint} has no stage-1 activation steps. Run stage 1 '
+            '(tools/train.py with a gplq-w32a4 config) first, or pass '
+            '--ptq-only to calibrate the steps on the calibration set')
+    if not options.act_only:
+        batches = [b for _, b in zip(range(options.calib_batches), loader,
+                                     strict=False)]
+        quantize_weights_(model, options.weights, batches, forward)
+    act = quant_config_of(model)
+    return dict(
+        gplq_version=__version__, torch_version=torch.__version__,
+        activations=act.to_dict(),
+        weights=None if options.act_only else options.weights.to_dict(),
+        ptq_only=options.ptq_only, calib_batches=options.calib_batches,
+        source_checkpoint=os.path.abspath(checkpoint),
+        bits=f'W{32 if options.act_only else options.weights.w_bits}'
+        f'A{act.a_bits}', scope=act.scope)
+
+
+def _atomic_write(write, path: str | os.PathLike) -> None:
+    """``write(tmp)`` into a temporary file in the same folder, then rename:
+    an interrupted run never leaves a half-written file under ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    _atomic_write(lambda tmp: torch.save(obj, tmp), path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    _atomic_write(lambda tmp: Path(tmp).write_text(text), path)
+
+
+def save_quantized(model: torch.nn.Module, meta: dict,
+                   path: str | os.PathLike) -> None:
+    """Packed integer weights, scales, activation steps and ``meta``."""
+    model = _unwrap(model)
+    state = (packed_state(model) if meta['weights'] is not None
+             else dict(state_dict={k: v.cpu() for k, v in
+                                   model.state_dict().items()}))
+    atomic_save(dict(state, meta=dict(gplq=meta)), path)
