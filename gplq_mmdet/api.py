@@ -22,7 +22,7 @@ from mmengine.runner import Runner
 
 from . import __version__
 from .checkpoint import safe_load
-from .hooks import _tensor_forward
+from .hooks import detector_forward
 from .stage2 import (
     PACKED_KEY,
     WeightQuantConfig,
@@ -126,7 +126,7 @@ def quantize_runner(runner: Runner, checkpoint: str,
     logger = MMLogger.get_current_instance()
     loader = calibration_loader(runner, options.calib_batches)
     model.eval()
-    forward = _tensor_forward(model)
+    forward = detector_forward(model)
     if options.ptq_only:
         if has_steps:
             raise Stage2Error(

@@ -35,7 +35,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if is_model_wrapper(model) else model
 
 
-def _tensor_forward(model: nn.Module):
+def detector_forward(model: nn.Module):
     """One batch through the whole detector (backbone, neck, heads)."""
 
     def forward(data: dict) -> Any:
@@ -84,7 +84,7 @@ class ActQuantCalibrationHook(Hook):
         was_training = model.training
         model.eval()
         used = calibrate_act_quant(model, runner.train_dataloader,
-                                   _tensor_forward(model), self.num_batches)
+                                   detector_forward(model), self.num_batches)
         model.train(was_training)
         if dist.get_world_size() > 1:
             for q in quantizers:

@@ -8,6 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SWIN_CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
+STAGE1_CONFIG = (ROOT / 'configs' /
+                 'gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py')
 
 
 @pytest.fixture(scope='session')
@@ -64,3 +66,28 @@ def fp32_run(tiny_shapes, tmp_path_factory):
 @pytest.fixture(scope='session')
 def fp32_checkpoint(fp32_run) -> Path:
     return fp32_run[1] / 'epoch_1.pth'
+
+
+def stage1_config(data: Path, work: Path, fp32: Path, **hook_overrides):
+    """The nano Swin stage-1 config on tiny data, started from ``fp32``."""
+    from mmengine.config import Config
+
+    cfg = point_config_at(Config.fromfile(str(STAGE1_CONFIG)), data, work)
+    cfg.load_from = str(fp32)
+    cfg.custom_hooks[0].num_batches = 2
+    cfg.custom_hooks[1].teacher_checkpoint = str(fp32)
+    cfg.custom_hooks[1].num_fit_batches = 2
+    cfg.custom_hooks[1].update(hook_overrides)
+    return cfg
+
+
+@pytest.fixture(scope='session')
+def stage1_run(tiny_shapes, tmp_path_factory, fp32_checkpoint):
+    """One stage-1 epoch through the Runner: (runner, config, work dir)."""
+    from mmengine.runner import Runner
+
+    work = tmp_path_factory.mktemp('stage1')
+    cfg = stage1_config(tiny_shapes, work, fp32_checkpoint)
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return runner, cfg, work

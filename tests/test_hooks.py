@@ -1,6 +1,5 @@
 """Stage-1 hooks with a mock runner, and a short stage-1 Runner run."""
 import copy
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,20 +16,9 @@ from gplq_mmdet import (
     safe_load,
 )
 
-from .conftest import ROOT, point_config_at
+from .conftest import point_config_at, stage1_config
 
-STAGE1 = (ROOT / 'configs' /
-          'gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py')
-
-
-def _stage1_cfg(data: Path, work: Path, fp32: Path, **hook_overrides):
-    cfg = point_config_at(Config.fromfile(str(STAGE1)), data, work)
-    cfg.load_from = str(fp32)
-    cfg.custom_hooks[0].num_batches = 2
-    cfg.custom_hooks[1].teacher_checkpoint = str(fp32)
-    cfg.custom_hooks[1].num_fit_batches = 2
-    cfg.custom_hooks[1].update(hook_overrides)
-    return cfg
+_stage1_cfg = stage1_config
 
 
 def _mock_runner(cfg, tmp_path) -> SimpleNamespace:
@@ -125,15 +113,13 @@ def test_calibration_hook_needs_quantizers(tiny_shapes, tmp_path):
 
 
 def test_stage1_runner_logs_finite_mimic_loss_and_saves_state(
-        tiny_shapes, tmp_path, fp32_checkpoint):
-    cfg = _stage1_cfg(tiny_shapes, tmp_path / 'stage1', fp32_checkpoint)
-    runner = Runner.from_cfg(cfg)
+        stage1_run, fp32_checkpoint):
+    runner, cfg, work = stage1_run
     fp32_weight = safe_load(fp32_checkpoint)['state_dict'][
         'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight']
-    runner.train()
     mimic = runner.message_hub.get_scalar('train/loss_mimic').current()
     assert mimic > 0 and torch.isfinite(torch.tensor(mimic))
-    ckpt = safe_load(tmp_path / 'stage1' / 'epoch_1.pth')
+    ckpt = safe_load(work / 'epoch_1.pth')
     state = ckpt['state_dict']
     steps = [k for k in state if k.endswith('_quantizer.step')]
     assert steps and all(bool(state[k.replace('.step', '.calibrated')])

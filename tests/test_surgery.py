@@ -182,7 +182,7 @@ def test_scope_all_quantizes_neck_and_heads_through_the_registry():
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
 
-    from gplq_mmdet.hooks import _tensor_forward
+    from gplq_mmdet.hooks import detector_forward
 
     from .conftest import SWIN_CONFIG
 
@@ -211,7 +211,7 @@ def test_scope_all_quantizes_neck_and_heads_through_the_registry():
     batch = dict(inputs=[torch.randint(0, 255, (3, 64, 64)).float()],
                  data_samples=[sample])
     model.eval()
-    calibrate_act_quant(model, [batch], _tensor_forward(model), 1)
+    calibrate_act_quant(model, [batch], detector_forward(model), 1)
     assert all(bool(q.calibrated) for _, q in iter_quantizers(model))
 
 
