@@ -21,7 +21,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from . import __version__
-from .checkpoint import safe_load
+from .checkpoint import safe_load, state_dict_mismatch
 from .hooks import detector_forward
 from .stage2 import (
     PACKED_KEY,
@@ -69,24 +69,17 @@ def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def check_matches(model: torch.nn.Module, state: dict, path: str) -> None:
-    """The checkpoint must hold every non-quantizer tensor of the model,
-    with the same shapes, and nothing else but quantizer state."""
-    own = model.state_dict()
-
-    def quantizer_key(key: str) -> bool:
-        return '_quantizer.' in key or key.endswith('.weight_scale')
-
-    missing = sorted(k for k in own if k not in state and not
-                     quantizer_key(k))
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(k for k in own if k in state
-                    and own[k].shape != state[k].shape)
-    if missing or unexpected or shapes:
+    """The checkpoint must hold every tensor of the model, with the same
+    shapes, except quantizer state, and nothing else."""
+    optional = frozenset(
+        f'{name}.{key}' for name, q in iter_quantizers(model)
+        for key in q.state_dict())
+    problem = state_dict_mismatch(model.state_dict(), state, optional)
+    if problem is not None:
         raise Stage2Error(
-            f'checkpoint {path} does not match the config: missing '
-            f'{missing[:5]}, unexpected {unexpected[:5]}, wrong shape '
-            f'{shapes[:5]} (first 5 of each). Use the config the checkpoint '
-            'was trained with (stage 1 config for a stage-1 checkpoint).')
+            f'checkpoint {path} does not match the config: {problem}. Use '
+            'the config the checkpoint was trained with (the stage-1 config '
+            'for a stage-1 checkpoint).')
 
 
 def calibration_loader(runner: Runner, num_batches: int):
@@ -121,8 +114,9 @@ def quantize_runner(runner: Runner, checkpoint: str,
     state = checkpoint_state(checkpoint)
     check_matches(model, state, checkpoint)
     runner.load_or_resume()
-    quantizers = [q for _, q in iter_quantizers(model)]
-    has_steps = any(k.endswith('_quantizer.step') for k in state)
+    named = list(iter_quantizers(model))
+    quantizers = [q for _, q in named]
+    has_steps = any(f'{name}.step' in state for name, _ in named)
     logger = MMLogger.get_current_instance()
     loader = calibration_loader(runner, options.calib_batches)
     model.eval()

@@ -87,6 +87,21 @@ def safe_load(path: str | os.PathLike, map_location: Any = 'cpu') -> Any:
             f'tensors with torch.save(state_dict). Details: {err}') from err
 
 
+def state_dict_mismatch(own: dict, state: dict,
+                        optional: frozenset[str] = frozenset()) -> str | None:
+    """How ``state`` fails to fit a model whose state dict is ``own``: keys
+    it lacks (other than ``optional`` ones), keys the model lacks, tensors
+    of another shape. ``None`` when it fits."""
+    missing = sorted(k for k in own if k not in state and k not in optional)
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(k for k in own if k in state
+                    and own[k].shape != state[k].shape)
+    if not (missing or unexpected or shapes):
+        return None
+    return (f'missing {missing[:5]}, unexpected {unexpected[:5]}, wrong '
+            f'shape {shapes[:5]} (first 5 of each)')
+
+
 def _mmengine_local_loader(filename: str, map_location: Any) -> Any:
     """Safe load; a packed W4 checkpoint (tools/quantize.py) comes back as
     a plain one with dequantized weights, so every mmdet tool can use it."""

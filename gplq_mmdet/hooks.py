@@ -17,7 +17,7 @@ from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from .checkpoint import safe_load
+from .checkpoint import safe_load, state_dict_mismatch
 from .losses import PCAMimicLoss, as_samples
 from .surgery import (
     calibrate_act_quant,
@@ -163,18 +163,12 @@ class FeatureMimicHook(Hook):
         if self.teacher_checkpoint is not None:
             ckpt = safe_load(self.teacher_checkpoint)
             state = ckpt.get('state_dict', ckpt)
-            own = teacher.state_dict()
-            missing = sorted(set(own) - set(state))
-            unexpected = sorted(set(state) - set(own))
-            shapes = sorted(k for k in set(own) & set(state)
-                            if own[k].shape != state[k].shape)
-            if missing or unexpected or shapes:
+            problem = state_dict_mismatch(teacher.state_dict(), state)
+            if problem is not None:
                 raise ValueError(
                     f'teacher_checkpoint {self.teacher_checkpoint!r} does '
-                    f'not match the student model: missing {missing[:5]}, '
-                    f'unexpected {unexpected[:5]}, wrong shape {shapes[:5]}'
-                    ' (first 5 of each). Point it at the FP32 checkpoint of '
-                    'this same detector config.')
+                    f'not match the student model: {problem}. Point it at '
+                    'the FP32 checkpoint of this same detector config.')
             teacher.load_state_dict(state)
         teacher.eval()
         for p in teacher.parameters():
