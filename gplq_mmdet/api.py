@@ -141,7 +141,7 @@ def quantize_runner(runner: Runner, checkpoint: str,
         quantize_weights_(model, options.weights, batches, forward)
     act = quant_config_of(model)
     return dict(
-        gplq_version=__version__, torch_version=torch.__version__,
+        gplq_version=__version__, torch_version=str(torch.__version__),
         activations=act.to_dict(),
         weights=None if options.act_only else options.weights.to_dict(),
         ptq_only=options.ptq_only, calib_batches=options.calib_batches,
