@@ -15,16 +15,22 @@ def test_demo_quick_makes_data_trains_evaluates_and_reports(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((work / 'results.json').read_text())
-    for key in ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50'):
-        assert 0.0 <= results['metrics'][key] <= 1.0
-    assert results['train_seconds'] > 0
-    assert '| FP32 Swin-N Mask R-CNN |' in proc.stdout
+    assert list(results['rows']) == ['FP32', 'PTQ-only W4A4',
+                                     'GPLQ W32A4 (stage 1)',
+                                     'GPLQ W4A4 (stage 1 + 2)']
+    for row in results['rows'].values():
+        for key in ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50'):
+            assert 0.0 <= row['metrics'][key] <= 1.0
+        assert row['minutes'] > 0
+    assert '| GPLQ W4A4 (stage 1 + 2) |' in proc.stdout
     assert (data / 'annotations' / 'instances_val.json').is_file()
+    assert (work / 'stage2' / 'quantized_w4a4.pth').is_file()
 
-    # A rerun reuses the trained checkpoint instead of training again.
+    # A rerun reuses both trainings and reproduces every number.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert 'reusing' in again.stdout
+    assert again.stdout.count('reusing') == 2
     rerun = json.loads((work / 'results.json').read_text())
-    assert rerun['metrics'] == results['metrics']
+    for label, row in results['rows'].items():
+        assert rerun['rows'][label]['metrics'] == row['metrics'], label

@@ -1,19 +1,27 @@
-"""The README's main job: make the data, train the FP32 tiny Swin Mask R-CNN,
-evaluate it with mmdet's CocoMetric and print the mAP table.
+"""The README's main job: the whole GPLQ pipeline on the nano Swin track.
 
-Each step is the same command a user would type (tools/make_shapes_coco.py,
-tools/train.py, tools/test.py); finished steps are reused on a rerun.
-Results go to ``<work-dir>/results.{md,json}``.
+1. make the generated COCO-format data (tools/make_shapes_coco.py);
+2. train the FP32 Swin-N Mask R-CNN and evaluate it (tools/train.py,
+   tools/test.py);
+3. GPLQ stage 1: one epoch of activation-only QAT (tools/train.py with the
+   gplq-w32a4 config);
+4. stage 2 and the baselines (tools/quantize.py): GPLQ W32A4 (activations
+   only), GPLQ W4A4, and PTQ-only W4A4 from the FP32 checkpoint;
+5. print the COCO mAP table and write ``<work-dir>/results.{md,json}``.
+
+Each step is the command a user would type; finished trainings are reused
+on a rerun (delete their folder to redo them).
 
 Example::
 
-    python tools/demo.py                 # full run, about 30 minutes
-    python tools/demo.py --quick         # same steps on tiny data, ~1 min
+    python tools/demo.py                 # full run, about 50 minutes
+    python tools/demo.py --quick         # same steps on tiny data, ~3 min
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from datetime import date
@@ -22,7 +30,8 @@ from pathlib import Path
 from gplq_mmdet.cli import data_root_options, default_echo, run_step
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / 'configs' / 'mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
+FP32_CONFIG = 'configs/mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
+STAGE1_CONFIG = 'configs/gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py'
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP',
            'segm_mAP_50', 'segm_mAP_75')
 
@@ -40,6 +49,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def cached_training(cmd: list[str], work: Path, log: Path) -> dict:
+    """Run a training command once; reuse its checkpoint afterwards."""
+    record_file = work / 'train_record.json'
+    if record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if Path(record['checkpoint']).is_file():
+            print(f"reusing {record['checkpoint']} (trained in "
+                  f"{record['seconds'] / 60:.1f} min); delete {work} to "
+                  'retrain')
+            return record
+    seconds = run_step(cmd + ['--work-dir', str(work)], log, ROOT,
+                       default_echo)
+    last = (work / 'last_checkpoint').read_text().strip()
+    record = dict(seconds=seconds, checkpoint=last)
+    record_file.write_text(json.dumps(record))
+    return record
+
+
 def main() -> None:
     args = parse_args()
     suffix = '-quick' if args.quick else ''
@@ -52,59 +79,78 @@ def main() -> None:
     if args.quick:
         make += ['--num-train', '16', '--num-val', '8', '--image-size', '96']
     run_step(make, work / 'make_data.log', ROOT, default_echo)
-
     data_opts = data_root_options(data)
-    train_opts = list(data_opts)
-    if args.quick:
-        train_opts += ['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
-                       'param_scheduler.1.end=1',
-                       'default_hooks.checkpoint.interval=1']
-    fp32_dir = work / 'fp32'
-    record_file = fp32_dir / 'train_record.json'
-    record = (json.loads(record_file.read_text())
-              if record_file.is_file() else {})
-    if Path(record.get('checkpoint', '')).is_file():
-        print(f"reusing {record['checkpoint']} (trained in "
-              f"{record['seconds'] / 60:.1f} min); delete {fp32_dir} to "
-              'retrain')
-    else:
-        seconds = run_step([py, 'tools/train.py', str(CONFIG), '--work-dir',
-                       str(fp32_dir), '--cfg-options'] + train_opts,
-                      work / 'train_fp32.log', ROOT, default_echo)
-        last = (fp32_dir / 'last_checkpoint').read_text().strip()
-        record = dict(seconds=seconds, checkpoint=last)
-        record_file.write_text(json.dumps(record))
-    checkpoint, train_s = record['checkpoint'], record['seconds']
+    quick_train = (['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                    'param_scheduler.1.end=1',
+                    'default_hooks.checkpoint.interval=1']
+                   if args.quick else [])
+    calib = ['--calib-batches', '2' if args.quick else '32']
 
-    test_dir = work / 'fp32_test'
-    run_step([py, 'tools/test.py', str(CONFIG), checkpoint, '--work-dir',
-         str(test_dir), '--cfg-options'] + data_opts,
-        work / 'test_fp32.log', ROOT, default_echo)
-    metrics = json.loads((test_dir / 'metrics.json').read_text())
+    rows: dict[str, dict] = {}
+    fp32 = cached_training(
+        [py, 'tools/train.py', FP32_CONFIG, '--cfg-options'] + data_opts +
+        quick_train, work / 'fp32', work / 'train_fp32.log')
+    run_step([py, 'tools/test.py', FP32_CONFIG, fp32['checkpoint'],
+              '--work-dir', str(work / 'fp32_test'), '--cfg-options'] +
+             data_opts, work / 'test_fp32.log', ROOT, default_echo)
+    rows['FP32'] = dict(
+        metrics=json.loads((work / 'fp32_test' / 'metrics.json').read_text()),
+        minutes=fp32['seconds'] / 60, step='FP32 training')
 
-    header = '| model | ' + ' | '.join(METRICS) + ' | train time |'
-    rule = '|' + '---|' * (len(METRICS) + 2)
-    row = ('| FP32 Swin-N Mask R-CNN | '
-           + ' | '.join(f"{metrics['coco/' + m]:.3f}" for m in METRICS)
-           + f' | {train_s / 60:.1f} min |')
-    machine = (f'{platform.machine()}, {_cpu_count()} CPU cores, '
-               f'Python {platform.python_version()}')
-    table = '\n'.join([header, rule, row])
-    report = (f'{table}\n\nCommand: python tools/demo.py'
+    seconds = run_step(
+        [py, 'tools/quantize.py', STAGE1_CONFIG, fp32['checkpoint'],
+         '--ptq-only', '--work-dir', str(work / 'ptq_only')] + calib +
+        ['--cfg-options'] + data_opts, work / 'ptq_only.log', ROOT)
+    rows['PTQ-only W4A4'] = dict(
+        metrics=json.loads((work / 'ptq_only' / 'results_w4a4_ptq-only.json')
+                           .read_text())['metrics'],
+        minutes=seconds / 60, step='calibration + weight PTQ + test')
+
+    teacher = [f"load_from={fp32['checkpoint']}",
+               f"custom_hooks.1.teacher_checkpoint={fp32['checkpoint']}"]
+    quick_stage1 = (['custom_hooks.0.num_batches=1',
+                     'custom_hooks.1.num_fit_batches=1']
+                    if args.quick else [])
+    stage1 = cached_training(
+        [py, 'tools/train.py', STAGE1_CONFIG, '--cfg-options'] + data_opts +
+        teacher + quick_stage1, work / 'stage1', work / 'train_stage1.log')
+    for label, extra, tag in (('GPLQ W32A4 (stage 1)', ['--act-only'],
+                               'w32a4'),
+                              ('GPLQ W4A4 (stage 1 + 2)', [], 'w4a4')):
+        seconds = run_step(
+            [py, 'tools/quantize.py', STAGE1_CONFIG, stage1['checkpoint'],
+             '--work-dir', str(work / 'stage2')] + extra + calib +
+            ['--cfg-options'] + data_opts, work / f'quantize_{tag}.log',
+            ROOT)
+        rows[label] = dict(
+            metrics=json.loads((work / 'stage2' / f'results_{tag}.json')
+                               .read_text())['metrics'],
+            minutes=(stage1['seconds'] if tag == 'w32a4' else seconds) / 60,
+            step='stage-1 training' if tag == 'w32a4' else
+            'weight PTQ + test')
+
+    fp32_box = rows['FP32']['metrics']['coco/bbox_mAP']
+    header = ('| model | ' + ' | '.join(METRICS) +
+              ' | box retention | wall time of the step |')
+    lines = [header, '|' + '---|' * (len(METRICS) + 3)]
+    for label, row in rows.items():
+        m = row['metrics']
+        keep = (f"{m['coco/bbox_mAP'] / fp32_box:.1%}" if fp32_box > 0
+                else 'n/a')
+        lines.append(f'| {label} | ' + ' | '.join(
+            f"{m['coco/' + k]:.3f}" for k in METRICS) +
+            f" | {keep} | {row['minutes']:.1f} min ({row['step']}) |")
+    machine = (f'{platform.machine()}, {len(os.sched_getaffinity(0))} CPU '
+               f'cores, Python {platform.python_version()}')
+    report = ('\n'.join(lines) + '\n\nCommand: python tools/demo.py'
               f'{" --quick" if args.quick else ""}; machine: {machine}; '
               f'date: {date.today().isoformat()}\n')
     (work / 'results.md').write_text(report)
     (work / 'results.json').write_text(json.dumps(
-        dict(metrics=metrics, train_seconds=train_s, machine=machine,
-             date=date.today().isoformat(), quick=args.quick,
-             config=str(CONFIG.relative_to(ROOT))), indent=1))
+        dict(rows=rows, machine=machine, date=date.today().isoformat(),
+             quick=args.quick, fp32_config=FP32_CONFIG,
+             stage1_config=STAGE1_CONFIG), indent=1))
     print('\n' + report)
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 if __name__ == '__main__':
