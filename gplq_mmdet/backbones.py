@@ -96,14 +96,19 @@ class TimmViT(BaseModule):
         dim = self.vit.embed_dim
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.vit.num_prefix_tokens
+        # ViTDet's simple pyramid; each level ends in a LayerNorm (as
+        # ViTDet's does) because raw ViT tokens have channels with large
+        # means that the FPN's plain convolutions do not normalize.
         self.pyramid = nn.ModuleList([
             nn.Sequential(
                 nn.ConvTranspose2d(dim, dim // 2, 2, 2),
                 LayerNorm2d(dim // 2), nn.GELU(),
-                nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2)),
-            nn.ConvTranspose2d(dim, dim // 2, 2, 2),
-            nn.Identity(),
-            nn.MaxPool2d(2),
+                nn.ConvTranspose2d(dim // 2, dim // 4, 2, 2),
+                LayerNorm2d(dim // 4)),
+            nn.Sequential(nn.ConvTranspose2d(dim, dim // 2, 2, 2),
+                          LayerNorm2d(dim // 2)),
+            LayerNorm2d(dim),
+            nn.Sequential(nn.MaxPool2d(2), LayerNorm2d(dim)),
         ])
         self.out_channels = (dim // 4, dim // 2, dim, dim)
         self.frozen = frozen
