@@ -64,8 +64,12 @@ class MinMaxObserver:
         return self.value
 
 
-class PercentileObserver:
-    """Mean over batches of the 1st/99th percentile range of a tensor."""
+class _BatchMeanObserver:
+    """Shared part of the percentile observers: a running mean of one
+    clipping statistic, and the 1st/99th percentile pair it uses."""
+
+    #: What ``range()`` says when no usable value was seen.
+    empty_message = 'the observer saw no usable values'
 
     def __init__(self, signed: bool = True, low: float = 0.01,
                  high: float = 0.99) -> None:
@@ -73,35 +77,39 @@ class PercentileObserver:
         self.low, self.high = low, high
         self.total = 0.0
         self.count = 0
+
+    def _bound(self, q: torch.Tensor) -> torch.Tensor:
+        """The clipping bound from ``q = (low, high)`` percentiles."""
+        return (torch.maximum(q[0].abs(), q[1].abs()) if self.signed
+                else q[1].clamp_min(0))
+
+    def range(self) -> torch.Tensor:
+        if self.count == 0:
+            raise CalibrationError(self.empty_message)
+        return torch.tensor([self.total / self.count])
+
+
+class PercentileObserver(_BatchMeanObserver):
+    """Mean over batches of the 1st/99th percentile range of a tensor."""
+
+    empty_message = ('the observer saw no finite values: every calibration '
+                     'batch was empty or non-finite')
 
     def update(self, x: torch.Tensor) -> None:
         flat = _subsample(_finite(x))
         if flat.numel() == 0:
             return
         q = torch.quantile(flat, torch.tensor([self.low, self.high]))
-        bound = (torch.maximum(q[0].abs(), q[1].abs()) if self.signed
-                 else q[1].clamp_min(0))
-        self.total += float(bound)
+        self.total += float(self._bound(q))
         self.count += 1
 
-    def range(self) -> torch.Tensor:
-        if self.count == 0:
-            raise CalibrationError(
-                'the observer saw no finite values: every calibration batch '
-                'was empty or non-finite')
-        return torch.tensor([self.total / self.count])
 
-
-class TokenRatioObserver:
+class TokenRatioObserver(_BatchMeanObserver):
     """Mean ratio of each token's 1st/99th percentile range to its ``|x|``
     maximum: the clipping ratio a per-token dynamic quantizer applies."""
 
-    def __init__(self, signed: bool = True, low: float = 0.01,
-                 high: float = 0.99) -> None:
-        self.signed = signed
-        self.low, self.high = low, high
-        self.total = 0.0
-        self.count = 0
+    empty_message = ('the observer saw no token with a non-zero finite '
+                     'value')
 
     def update(self, x: torch.Tensor) -> None:
         tokens = x.detach().float().reshape(-1, x.shape[-1])
@@ -110,16 +118,9 @@ class TokenRatioObserver:
             return
         rows = tokens[::max(1, tokens.shape[0] // 4096)]
         q = torch.quantile(rows, torch.tensor([self.low, self.high]), dim=1)
-        bound = (torch.maximum(q[0].abs(), q[1].abs()) if self.signed
-                 else q[1].clamp_min(0))
+        bound = self._bound(q)
         peak = rows.abs().amax(1) if self.signed else rows.clamp_min(0).amax(1)
         keep = peak > 0
         if keep.any():
             self.total += float((bound[keep] / peak[keep]).sum())
             self.count += int(keep.sum())
-
-    def range(self) -> torch.Tensor:
-        if self.count == 0:
-            raise CalibrationError(
-                'the observer saw no token with a non-zero finite value')
-        return torch.tensor([self.total / self.count])
