@@ -17,12 +17,11 @@ from typing import Any
 
 import torch
 from mmengine.logging import MMLogger
-from mmengine.model import is_model_wrapper
 from mmengine.runner import Runner
 
 from . import __version__
 from .checkpoint import safe_load, state_dict_mismatch
-from .hooks import detector_forward
+from .hooks import detector_forward, unwrap_model
 from .stage2 import (
     PACKED_KEY,
     WeightQuantConfig,
@@ -52,10 +51,6 @@ class Stage2Options:
                               f'{self.calib_batches}')
         if self.ptq_only and self.act_only:
             raise Stage2Error('--ptq-only and --act-only exclude each other')
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if is_model_wrapper(model) else model
 
 
 def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
@@ -106,7 +101,7 @@ def quantize_runner(runner: Runner, checkpoint: str,
     """Load ``checkpoint`` into the runner's model, make sure activation
     steps exist (stage 1, or PTQ-only calibration), quantize the weights
     and return the metadata describing what was done."""
-    model = _unwrap(runner.model)
+    model = unwrap_model(runner.model)
     if quant_config_of(model) is None:
         raise Stage2Error(
             'the config has no activation quantizers: use a stage-1 config '
@@ -176,7 +171,7 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
 def save_quantized(model: torch.nn.Module, meta: dict,
                    path: str | os.PathLike) -> None:
     """Packed integer weights, scales, activation steps and ``meta``."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     state = (packed_state(model) if meta['weights'] is not None
              else dict(state_dict={k: v.cpu() for k, v in
                                    model.state_dict().items()}))

@@ -31,7 +31,8 @@ FEATURES = ('neck', 'backbone')
 MIMIC_MODES = ('pca', 'none')
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DDP/mmengine wrapper, or the model itself."""
     return model.module if is_model_wrapper(model) else model
 
 
@@ -67,7 +68,7 @@ class ActQuantCalibrationHook(Hook):
         self.num_batches = num_batches
 
     def before_train(self, runner) -> None:
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         quantizers = [q for _, q in iter_quantizers(model)]
         if not quantizers:
             raise ValueError(
@@ -93,7 +94,7 @@ class ActQuantCalibrationHook(Hook):
                     f'(scope={scope}) on {used} batches')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        cfg = quant_config_of(_unwrap(runner.model))
+        cfg = quant_config_of(unwrap_model(runner.model))
         if cfg is not None:
             checkpoint.setdefault('meta', {})['gplq'] = cfg.to_dict()
 
@@ -203,7 +204,7 @@ class FeatureMimicHook(Hook):
         if self.mode == 'none':
             logger.info('FeatureMimicHook: mode=none, no mimic loss')
             return
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         self.teacher = self._build_teacher(model)
         device = next(model.parameters()).device
         if self._saved_pca is not None:
@@ -255,7 +256,7 @@ class FeatureMimicHook(Hook):
         model.loss = loss_with_mimic
 
     def after_train(self, runner) -> None:
-        model = _unwrap(runner.model)
+        model = unwrap_model(runner.model)
         model.__dict__.pop('loss', None)
         if self._handle is not None:
             self._handle.remove()
