@@ -19,17 +19,14 @@ model = dict(
         quant_cfg={{_base_.gplq_quant_cfg}}))
 
 train_dataloader = dict(batch_size=1, num_workers=2)
-train_cfg = dict(max_epochs=1, val_interval=1)
+train_cfg = {{_base_.gplq_train_cfg}}
 param_scheduler = []
-optim_wrapper = dict(
-    optimizer=dict(lr={{_base_.gplq_lr}}),
-    paramwise_cfg=dict(
-        custom_keys={'_quantizer.step': {{_base_.gplq_step_options}}}))
+optim_wrapper = {{_base_.gplq_optim_wrapper}}
 custom_hooks = [
     dict(type='ActQuantCalibrationHook',
          num_batches={{_base_.gplq_calibration_batches}}),
     dict(type='FeatureMimicHook', mode='pca', loss_weight=1.0,
          features='neck', teacher_checkpoint=fp32_checkpoint),
 ]
-default_hooks = dict(checkpoint=dict(interval=1))
+default_hooks = {{_base_.gplq_default_hooks}}
 auto_scale_lr = dict(enable=False, base_batch_size=8)

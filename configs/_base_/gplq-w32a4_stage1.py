@@ -17,3 +17,11 @@ gplq_quant_cfg = dict(
 gplq_lr = 1e-6
 gplq_step_options = dict(lr_mult=1000.0, decay_mult=0.0)
 gplq_calibration_batches = 8
+
+# The stage-1 schedule as a stage-1 config assigns it:
+#   train_cfg = {{_base_.gplq_train_cfg}}, and so on.
+gplq_train_cfg = dict(max_epochs=1, val_interval=1)
+gplq_optim_wrapper = dict(
+    optimizer=dict(lr=gplq_lr),
+    paramwise_cfg=dict(custom_keys={'_quantizer.step': gplq_step_options}))
+gplq_default_hooks = dict(checkpoint=dict(interval=1))
