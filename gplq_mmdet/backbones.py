@@ -148,7 +148,10 @@ class TimmViT(BaseModule):
                               mode='bilinear', align_corners=False)
         tokens = self.vit.forward_features(x)[:, self.num_prefix_tokens:]
         fmap = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)
-        return tuple(level(fmap) for level in self.pyramid)
+        # Contiguous NCHW: the token map is a channels-last view, convs keep
+        # that layout, and mmcv's RoIAlign reads raw NCHW memory, so RoI
+        # features would silently come from the wrong pixels.
+        return tuple(level(fmap).contiguous() for level in self.pyramid)
 
 
 @MODELS.register_module()
