@@ -22,6 +22,7 @@ from mmengine.runner import Runner
 from . import __version__
 from .checkpoint import safe_load, state_dict_mismatch
 from .hooks import detector_forward, unwrap_model
+from .qwt import compensate_qwt_, qwt_summary
 from .stage2 import (
     PACKED_KEY,
     WeightQuantConfig,
@@ -51,6 +52,12 @@ class Stage2Options:
                               f'{self.calib_batches}')
         if self.ptq_only and self.act_only:
             raise Stage2Error('--ptq-only and --act-only exclude each other')
+        if self.act_only and self.weights.qwt:
+            raise Stage2Error('--qwt compensates weight quantization; it has '
+                              'nothing to do with --act-only')
+        if self.weights.qwt and self.calib_batches < 2:
+            raise Stage2Error('--qwt needs --calib-batches >= 2 (every 4th '
+                              'batch checks the fit)')
 
 
 def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
@@ -130,16 +137,31 @@ def quantize_runner(runner: Runner, checkpoint: str,
             f'{checkpoint} has no stage-1 activation steps. Run stage 1 '
             '(tools/train.py with a gplq-w32a4 config) first, or pass '
             '--ptq-only to calibrate the steps on the calibration set')
+    qwt = None
     if not options.act_only:
         batches = [b for _, b in zip(range(options.calib_batches), loader,
                                      strict=False)]
+        reference = copy.deepcopy(model) if options.weights.qwt else None
         quantize_weights_(model, options.weights, batches, forward)
+        if reference is not None:
+            results = compensate_qwt_(
+                model, reference, batches,
+                lambda module, batch: detector_forward(module)(batch),
+                options.weights.qwt_ridge)
+            del reference
+            qwt = qwt_summary(results)
+            kept = [r for r in results if r.kept]
+            logger.info(f'QwT: compensated {len(kept)} of {len(results)} '
+                        'blocks (held-out MSE before -> after: ' + ', '.join(
+                            f'{r.error_before:.3g}->{r.error_after:.3g}'
+                            for r in results) + ')')
     act = quant_config_of(model)
     return dict(
         gplq_version=__version__, torch_version=str(torch.__version__),
         activations=act.to_dict(),
         weights=None if options.act_only else options.weights.to_dict(),
         ptq_only=options.ptq_only, calib_batches=options.calib_batches,
+        qwt=qwt,
         source_checkpoint=os.path.abspath(checkpoint),
         bits=f'W{32 if options.act_only else options.weights.w_bits}'
         f'A{act.a_bits}', scope=act.scope)

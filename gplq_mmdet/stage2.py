@@ -44,6 +44,9 @@ class WeightQuantConfig:
         patch_embed_bits: bits of the patch-embedding weights.
         damp: GPTQ diagonal damping, relative to ``mean(diag H)``.
         block_size: GPTQ lazy-update block.
+        qwt: fit QwT compensations block by block after quantizing
+            (:mod:`gplq_mmdet.qwt`).
+        qwt_ridge: QwT's lambda, relative to the mean diagonal of X X^T.
     """
 
     w_bits: int = 4
@@ -52,6 +55,8 @@ class WeightQuantConfig:
     patch_embed_bits: int = 8
     damp: float = 0.01
     block_size: int = 128
+    qwt: bool = False
+    qwt_ridge: float = 1e-3
 
     def __post_init__(self) -> None:
         check_bits(self.w_bits, 'w_bits')
@@ -59,6 +64,8 @@ class WeightQuantConfig:
         check_clip_method(self.method)
         if not 0 <= self.damp < 1:
             raise ValueError(f'damp={self.damp} must be in [0, 1)')
+        if not self.qwt_ridge >= 0:
+            raise ValueError(f'qwt_ridge={self.qwt_ridge} must be >= 0')
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

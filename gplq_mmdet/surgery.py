@@ -28,6 +28,7 @@ from torch import nn
 from .attention import MATMUL_QUANTIZERS, QUANT_ATTENTION, head_dim
 from .config import QuantConfig
 from .quantizers import ActQuantizer
+from .qwt import detach_qwt, register_qwt_loading, unregister_qwt_loading
 
 _HANDLE = '_input_quantizer_handle'
 _ORIGINAL_CLASS = '_fp32_class'
@@ -144,13 +145,17 @@ def prepare_act_quant(model: nn.Module,
                 _add_input_quantizer(module,
                                      _conv_or_linear_quantizer(module, cfg))
     setattr(model, CFG_ATTR, cfg)
+    register_qwt_loading(model)
     return model
 
 
 def remove_act_quant(model: nn.Module) -> nn.Module:
     """Undo :func:`prepare_act_quant`: hooks, quantizers, attention
-    classes. The FP32 parameters are left as they are."""
+    classes, QwT compensations. The FP32 parameters are left as they
+    are."""
+    detach_qwt(model)
     for module in model.modules():
+        unregister_qwt_loading(module)
         module.__dict__.pop(CFG_ATTR, None)
         handle = module.__dict__.pop(_HANDLE, None)
         if handle is not None:

@@ -29,6 +29,17 @@ def _quantize(config, checkpoint, work, data, *extra):
                           timeout=600)
 
 
+def _evaluate(checkpoint, work, data) -> dict:
+    """tools/test.py on a quantized checkpoint; its metrics."""
+    proc = subprocess.run(
+        [sys.executable, 'tools/test.py', str(STAGE1_CONFIG),
+         str(checkpoint), '--work-dir', str(work),
+         '--cfg-options', *_options(data)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((work / 'metrics.json').read_text())
+
+
 @pytest.fixture(scope='module')
 def w4a4(stage1_run, tiny_shapes, tmp_path_factory):
     _, _, work = stage1_run
@@ -75,13 +86,7 @@ def test_same_inputs_same_bytes_and_map(w4a4, stage1_run, tiny_shapes,
 def test_packed_checkpoint_evaluates_to_the_same_map(w4a4, tiny_shapes,
                                                      tmp_path):
     out, _ = w4a4
-    proc = subprocess.run(
-        [sys.executable, 'tools/test.py', str(STAGE1_CONFIG),
-         str(out / 'quantized_w4a4.pth'), '--work-dir', str(tmp_path),
-         '--cfg-options', *_options(tiny_shapes)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    reloaded = json.loads((tmp_path / 'metrics.json').read_text())
+    reloaded = _evaluate(out / 'quantized_w4a4.pth', tmp_path, tiny_shapes)
     produced = json.loads((out / 'results_w4a4.json').read_text())['metrics']
     assert reloaded == produced
 
@@ -101,12 +106,41 @@ def test_ptq_only_and_act_only(fp32_checkpoint, stage1_run, tiny_shapes,
     assert meta['bits'] == 'W32A4' and meta['weights'] is None
 
 
+def test_qwt_compensations_are_saved_and_evaluate_to_the_same_map(
+        stage1_run, tiny_shapes, tmp_path):
+    _, _, work = stage1_run
+    out = tmp_path / 'qwt'
+    proc = _quantize(STAGE1_CONFIG, work / 'epoch_1.pth', out, tiny_shapes,
+                     '--qwt')
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / 'results_w4a4_qwt.json').read_text())
+    rows = results['meta']['qwt']
+    # The nano Swin has 1 + 1 + 2 + 1 transformer blocks.
+    assert [r['block'] for r in rows] == [
+        'backbone.stages.0.blocks.0', 'backbone.stages.1.blocks.0',
+        'backbone.stages.2.blocks.0', 'backbone.stages.2.blocks.1',
+        'backbone.stages.3.blocks.0']
+    for r in rows:
+        assert r['kept'] == (r['mse_after'] < r['mse_before'])
+    state = safe_load(out / 'quantized_w4a4_qwt.pth')['state_dict']
+    saved = {k.rsplit('.qwt_compensation.', 1)[0] for k in state
+             if '.qwt_compensation.' in k}
+    assert saved == {r['block'] for r in rows if r['kept']}
+    reloaded = _evaluate(out / 'quantized_w4a4_qwt.pth', tmp_path / 'eval',
+                         tiny_shapes)
+    assert reloaded == results['metrics']
+
+
 @pytest.mark.parametrize('config, use_fp32, extra, message', [
     (STAGE1_CONFIG, True, [], 'has no stage-1 activation steps'),
     (STAGE1_CONFIG, False, ['--w-bits', '9'], 'w_bits=9 is out of range'),
     (STAGE1_CONFIG, False, ['--method', 'best'], "'best' is unknown"),
     (STAGE1_CONFIG, False, ['--calib-batches', '500'],
      'is more than the 3 batches'),
+    (STAGE1_CONFIG, False, ['--qwt', '--act-only'],
+     'nothing to do with --act-only'),
+    (STAGE1_CONFIG, False, ['--qwt', '--calib-batches', '1'],
+     '--qwt needs --calib-batches >= 2'),
     (SWIN_CONFIG, False, [], 'has no activation quantizers'),
 ])
 def test_bad_input_is_explained_and_writes_nothing(

@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
                         help=f'weight clipping: {", ".join(CLIP_METHODS)}')
     parser.add_argument('--gptq', action='store_true',
                         help='GPTQ error feedback on Linear layers')
+    parser.add_argument('--qwt', action='store_true',
+                        help='QwT: fit a closed-form linear compensation '
+                        'per transformer block after quantizing')
     parser.add_argument('--calib-batches', type=int, default=32)
     parser.add_argument('--ptq-only', action='store_true',
                         help='FP32 checkpoint: calibrate activation steps '
@@ -62,7 +65,7 @@ def main() -> int:
     try:
         options = Stage2Options(
             weights=WeightQuantConfig(w_bits=args.w_bits, method=args.method,
-                                      gptq=args.gptq),
+                                      gptq=args.gptq, qwt=args.qwt),
             calib_batches=args.calib_batches, ptq_only=args.ptq_only,
             act_only=args.act_only)
         cfg = load_config(args)
@@ -73,7 +76,8 @@ def main() -> int:
     except (Stage2Error, ValueError) as err:
         print(f'quantize: error: {err}', file=sys.stderr)
         return 2
-    tag = meta['bits'].lower() + ('_ptq-only' if args.ptq_only else '')
+    tag = (meta['bits'].lower() + ('_ptq-only' if args.ptq_only else '')
+           + ('_qwt' if args.qwt else ''))
     save_quantized(runner.model, meta,
                    osp.join(cfg.work_dir, f'quantized_{tag}.pth'))
     metrics = runner.test()
@@ -81,7 +85,11 @@ def main() -> int:
                                        for k, v in metrics.items()})
     out = osp.join(cfg.work_dir, f'results_{tag}.json')
     atomic_write_text(json.dumps(results, indent=1, sort_keys=True), out)
-    print(f"\n{meta['bits']} ({'PTQ only' if args.ptq_only else 'GPLQ'}, "
+    method = 'PTQ only' if args.ptq_only else 'GPLQ'
+    if meta['qwt'] is not None:
+        kept = sum(row['kept'] for row in meta['qwt'])
+        method += f" + QwT on {kept}/{len(meta['qwt'])} blocks"
+    print(f"\n{meta['bits']} ({method}, "
           f"scope {meta['scope']}): box mAP "
           f"{metrics['coco/bbox_mAP']:.3f}, mask mAP "
           f"{metrics['coco/segm_mAP']:.3f}; wrote {out}")
