@@ -28,12 +28,15 @@ from pathlib import Path
 from gplq_mmdet.cli import data_root_options, default_echo, run_step
 
 ROOT = Path(__file__).resolve().parents[1]
+# (FP32 config, stage-1 config, options that make the FP32 fine-tuning
+# train the same parameters as stage 1: the ViT is frozen in its FP32
+# config but trained in stage 1).
 TRACKS = {
     'swin': ('configs/mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py',
-             'configs/gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py'),
+             'configs/gplq-w32a4_mask-rcnn_swin-n-p4-w7_fpn_1e_shapes.py', []),
     'vit': ('configs/mask-rcnn_vit-s-p14-dinov2_simple-fpn_6e_shapes.py',
             'configs/gplq-w32a4_mask-rcnn_vit-s-p14-dinov2_simple-fpn_1e_'
-            'shapes.py'),
+            'shapes.py', ['model.backbone.frozen=False']),
 }
 VARIANTS = {
     'W32A4 per-channel, PCA mimic': [],
@@ -58,7 +61,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    fp32_cfg, stage1_cfg = TRACKS[args.track]
+    fp32_cfg, stage1_cfg, finetune = TRACKS[args.track]
     ckpt = str(Path(args.fp32_checkpoint).resolve())
     if not Path(ckpt).is_file():
         sys.exit(f'stage1_report: FP32 checkpoint {ckpt} not found; train '
@@ -78,7 +81,8 @@ def main() -> None:
     warmup = 2 if args.quick else 5
     for name, cfg, extra in (
             ('FP32 fine-tuning', fp32_cfg, [f'load_from={ckpt}',
-                                            'optim_wrapper.optimizer.lr=1e-6']),
+                                            'optim_wrapper.optimizer.lr=1e-6']
+             + finetune),
             ('GPLQ stage 1', stage1_cfg, teacher)):
         log = work / f'cost_{name.split()[0].lower()}.log'
         run_step([py, 'tools/measure_train_cost.py', cfg, '--iters',
