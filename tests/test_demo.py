@@ -17,7 +17,8 @@ def test_demo_quick_makes_data_trains_evaluates_and_reports(tmp_path):
     results = json.loads((work / 'results.json').read_text())
     assert list(results['rows']) == ['FP32', 'PTQ-only W4A4',
                                      'GPLQ W32A4 (stage 1)',
-                                     'GPLQ W4A4 (stage 1 + 2)']
+                                     'GPLQ W4A4 (stage 1 + 2)',
+                                     'GPLQ W4A4 + QwT']
     for row in results['rows'].values():
         for key in ('coco/bbox_mAP', 'coco/segm_mAP', 'coco/bbox_mAP_50'):
             assert 0.0 <= row['metrics'][key] <= 1.0

@@ -6,7 +6,8 @@
 3. GPLQ stage 1: one epoch of activation-only QAT (tools/train.py with the
    gplq-w32a4 config);
 4. stage 2 and the baselines (tools/quantize.py): GPLQ W32A4 (activations
-   only), GPLQ W4A4, and PTQ-only W4A4 from the FP32 checkpoint;
+   only), GPLQ W4A4 without and with QwT compensation, and PTQ-only W4A4
+   from the FP32 checkpoint;
 5. print the COCO mAP table and write ``<work-dir>/results.{md,json}``.
 
 Each step is the command a user would type; finished trainings are reused
@@ -114,9 +115,12 @@ def main() -> None:
     stage1 = cached_training(
         [py, 'tools/train.py', STAGE1_CONFIG, '--cfg-options'] + data_opts +
         teacher + quick_stage1, work / 'stage1', work / 'train_stage1.log')
-    for label, extra, tag in (('GPLQ W32A4 (stage 1)', ['--act-only'],
-                               'w32a4'),
-                              ('GPLQ W4A4 (stage 1 + 2)', [], 'w4a4')):
+    for label, extra, tag, step in (
+            ('GPLQ W32A4 (stage 1)', ['--act-only'], 'w32a4',
+             'stage-1 training'),
+            ('GPLQ W4A4 (stage 1 + 2)', [], 'w4a4', 'weight PTQ + test'),
+            ('GPLQ W4A4 + QwT', ['--qwt'], 'w4a4_qwt',
+             'weight PTQ + QwT + test')):
         seconds = run_step(
             [py, 'tools/quantize.py', STAGE1_CONFIG, stage1['checkpoint'],
              '--work-dir', str(work / 'stage2')] + extra + calib +
@@ -126,8 +130,7 @@ def main() -> None:
             metrics=json.loads((work / 'stage2' / f'results_{tag}.json')
                                .read_text())['metrics'],
             minutes=(stage1['seconds'] if tag == 'w32a4' else seconds) / 60,
-            step='stage-1 training' if tag == 'w32a4' else
-            'weight PTQ + test')
+            step=step)
 
     fp32_box = rows['FP32']['metrics']['coco/bbox_mAP']
     header = ('| model | ' + ' | '.join(METRICS) +
