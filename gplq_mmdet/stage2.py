@@ -177,3 +177,22 @@ def unpack_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
         ints = unpack_int(entry['data'], int(entry['bits']), shape)
         state[key] = dequantize(ints, entry['scale'])
     return state
+
+
+def restore_weight_quant(model: nn.Module, checkpoint: dict[str, Any]
+                         ) -> int:
+    """Give the layers of a packed checkpoint's quantized weights their
+    ``weight_scale`` and ``weight_bits`` again (a loaded state dict holds
+    only the dequantized weights). Returns how many layers got them."""
+    modules = dict(model.named_modules())
+    for key, entry in checkpoint.get(PACKED_KEY, {}).items():
+        name = key[:-len('.weight')]
+        if name not in modules:
+            raise ValueError(f'the packed weight {key} has no layer in the '
+                             'model; use the config the checkpoint was '
+                             'quantized with')
+        module = modules[name]
+        module.register_buffer('weight_scale', entry['scale'].to(
+            module.weight.device))
+        module.weight_bits = int(entry['bits'])
+    return len(checkpoint.get(PACKED_KEY, {}))
