@@ -27,6 +27,9 @@ custom_hooks = [
          num_batches={{_base_.gplq_calibration_batches}}),
     dict(type='FeatureMimicHook', mode='pca', loss_weight=1.0,
          features='neck', teacher_checkpoint=fp32_checkpoint),
+    dict(type='QuantGuardHook'),
+    dict(type='ResumableEpochHook',
+         interval={{_base_.gplq_resume_interval}}),
 ]
 default_hooks = {{_base_.gplq_default_hooks}}
 auto_scale_lr = dict(enable=False, base_batch_size=8)

@@ -14,6 +14,7 @@ from .backbones import (
 )
 from .checkpoint import register_safe_loader, safe_load
 from .config import QuantConfig
+from .guards import QuantGuardHook, ResumableEpochHook
 from .hooks import ActQuantCalibrationHook, FeatureMimicHook
 from .losses import PCAMimicLoss
 from .quantizers import ActQuantizer
@@ -32,8 +33,9 @@ register_safe_loader()
 
 __all__ = [
     'ActQuantCalibrationHook', 'ActQuantDetector', 'ActQuantizer',
-    'FeatureMimicHook', 'PCAMimicLoss', 'QuantConfig', 'QuantSwinTransformer',
-    'QuantTimmViT', 'TimmViT', 'act_quant_disabled', 'calibrate_act_quant',
+    'FeatureMimicHook', 'PCAMimicLoss', 'QuantConfig', 'QuantGuardHook',
+    'QuantSwinTransformer', 'QuantTimmViT', 'ResumableEpochHook', 'TimmViT',
+    'act_quant_disabled', 'calibrate_act_quant',
     'iter_quantizers', 'prepare_act_quant', 'remove_act_quant', 'safe_load',
     'set_act_quant', '__version__'
 ]

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +18,7 @@ from mmengine.logging import MMLogger
 from mmengine.runner import Runner
 
 from . import __version__
-from .checkpoint import safe_load, state_dict_mismatch
+from .checkpoint import atomic_save, safe_load, state_dict_mismatch
 from .hooks import detector_forward, unwrap_model
 from .qwt import compensate_qwt_, qwt_summary
 from .stage2 import (
@@ -165,29 +163,6 @@ def quantize_runner(runner: Runner, checkpoint: str,
         source_checkpoint=os.path.abspath(checkpoint),
         bits=f'W{32 if options.act_only else options.weights.w_bits}'
         f'A{act.a_bits}', scope=act.scope)
-
-
-def _atomic_write(write, path: str | os.PathLike) -> None:
-    """``write(tmp)`` into a temporary file in the same folder, then rename:
-    an interrupted run never leaves a half-written file under ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    _atomic_write(lambda tmp: torch.save(obj, tmp), path)
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    _atomic_write(lambda tmp: Path(tmp).write_text(text), path)
 
 
 def save_quantized(model: torch.nn.Module, meta: dict,

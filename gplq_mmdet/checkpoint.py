@@ -10,9 +10,14 @@ refused, with a message that says why.
 """
 from __future__ import annotations
 
+import errno
 import os
 import os.path as osp
 import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +26,18 @@ import torch
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs a Python object that is not on the allow-list."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is empty, truncated or not a PyTorch file."""
+
+
+#: Unpickler messages that mean broken bytes rather than a refused object.
+_CORRUPT_PICKLE_SIGNS = ('truncated', 'invalid load key',
+                         'Unsupported operand', 'stack underflow',
+                         'could not find MARK')
+#: First byte of a pickle (protocol >= 2): torch's legacy, non-zip format.
+_PICKLE_MAGIC = b'\x80'
 
 
 def _history_statistic(owner: Any, name: str) -> Any:
@@ -68,23 +85,91 @@ def safe_load(path: str | os.PathLike, map_location: Any = 'cpu') -> Any:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        CorruptCheckpointError: the file is empty, truncated or not written
+            by ``torch.save``.
         UnsafeCheckpointError: the file asks for an object outside the
             allow-list (possibly code); it is not loaded.
     """
     path = osp.expanduser(os.fspath(path))
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} not found')
+    size = osp.getsize(path)
+    fix = ('copy it again or rerun the step that wrote it (our tools write '
+           'checkpoints atomically, so a partial file comes from elsewhere, '
+           'e.g. an interrupted copy)')
+    if size == 0:
+        raise CorruptCheckpointError(f'checkpoint {path!r} is empty: {fix}')
+    if not zipfile.is_zipfile(path):
+        with open(path, 'rb') as f:
+            legacy = f.read(1) == _PICKLE_MAGIC
+        if not legacy:
+            raise CorruptCheckpointError(
+                f'{path!r} ({size} bytes) is not a PyTorch checkpoint, or it '
+                f'is truncated: {fix}')
     try:
         with torch.serialization.safe_globals(_allowed_globals()):
             return torch.load(path, map_location=map_location,
                               weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+        raise CorruptCheckpointError(
+            f'checkpoint {path!r} ({size} bytes) cannot be read, it is '
+            f'probably truncated or corrupted: {fix}. Details: '
+            f'{str(err).splitlines()[0]}') from err
     except pickle.UnpicklingError as err:
+        if any(sign in str(err) for sign in _CORRUPT_PICKLE_SIGNS):
+            raise CorruptCheckpointError(
+                f'checkpoint {path!r} ({size} bytes) is corrupted: {fix}. '
+                f'Details: {str(err).splitlines()[-1]}') from err
         raise UnsafeCheckpointError(
             f'refused to load {path!r}: it needs Python objects outside the '
             'allow-list of safe types (weights, numpy arrays, mmengine '
             'history), which could run code when unpickled. Load only '
             'checkpoints you trust; if you do trust this one, re-save its '
             f'tensors with torch.save(state_dict). Details: {err}') from err
+
+
+_TMP_SUFFIX = '.partial'
+
+
+def _atomic_write(write: Callable[[str], None],
+                  path: str | os.PathLike) -> None:
+    """``write(tmp)`` into a temporary file in the same folder, then rename:
+    ``path`` is either the complete new file or untouched. The temporary
+    file is removed on any error (a full disk included) and on SIGTERM
+    when the tool turned it into SystemExit; a file left by a killed
+    process (SIGKILL) is removed by the next write of the same ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f'.{path.name}.'
+    for stale in path.parent.glob(f'{prefix}*{_TMP_SUFFIX}'):
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix,
+                               suffix=_TMP_SUFFIX)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        os.unlink(tmp)
+        if err.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC, f'disk full while writing {path}; nothing was '
+                f'written. Free space in {path.parent} (or choose another '
+                '--work-dir) and rerun') from err
+        raise
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    _atomic_write(lambda tmp: torch.save(obj, tmp), path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a text (JSON, markdown) result file atomically."""
+    _atomic_write(lambda tmp: Path(tmp).write_text(text), path)
 
 
 def state_dict_mismatch(own: dict, state: dict,

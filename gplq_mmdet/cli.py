@@ -9,12 +9,47 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 from mmengine.config import Config, DictAction
+
+from .checkpoint import CorruptCheckpointError, UnsafeCheckpointError
+
+#: Errors a tool reports as one ``error:`` line (exit status 2) instead of
+#: a traceback: each message already says what is wrong and what to do.
+USER_ERRORS = (FileNotFoundError, CorruptCheckpointError,
+               UnsafeCheckpointError, ValueError, OSError)
+
+
+def run_tool(main: Callable[[], int | None], name: str) -> int:
+    """Run a tool's ``main``: SIGTERM unwinds like Ctrl-C (so temporary
+    files are removed), and user errors print one line and exit 2."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        return main() or 0
+    except USER_ERRORS as err:
+        if os.environ.get('GPLQ_TRACEBACK'):
+            raise
+        print(f'{name}: error: {err} (set GPLQ_TRACEBACK=1 for the '
+              'traceback)', file=sys.stderr)
+        return 2
+
+
+def check_writable_dir(path: str) -> None:
+    """Create ``path`` if needed and make sure files can be written there,
+    before any long computation starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise OSError(err.errno, f'work dir {path!r} is not writable '
+                      f'({err.strerror}); pass a writable --work-dir') from err
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +67,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 def load_config(args: argparse.Namespace) -> Config:
     """Read the config and apply the command-line overrides as mmdet does."""
     if not osp.isfile(args.config):
-        raise SystemExit(f'error: config file {args.config!r} not found')
+        raise FileNotFoundError(f'config file {args.config!r} not found')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
@@ -43,6 +78,7 @@ def load_config(args: argparse.Namespace) -> Config:
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
+    check_writable_dir(cfg.work_dir)
     return cfg
 
 

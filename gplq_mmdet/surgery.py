@@ -43,10 +43,29 @@ def _quantize_input(module: nn.Module, args: tuple) -> tuple:
     return (module.input_quantizer(args[0]), ) + tuple(args[1:])
 
 
-def _add_input_quantizer(module: nn.Module, quantizer: ActQuantizer) -> None:
+def _quantize_image(module: nn.Conv2d, args: tuple) -> tuple:
+    """The patch embedding's input is the image batch: refuse one that the
+    detector would silently misread before it is quantized."""
+    x = args[0]
+    if x.dim() != 4 or x.shape[1] != module.in_channels:
+        raise ValueError(
+            f'the backbone expects images of shape N x {module.in_channels} '
+            f'x H x W, got {tuple(x.shape)}: convert grayscale or RGBA images'
+            f' to {module.in_channels} channels (in an mmdet pipeline: '
+            "LoadImageFromFile with color_type='color')")
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(
+            f'the input batch holds {bad} NaN/Inf values: check the images '
+            'and the data preprocessor (mean/std) before quantizing or '
+            'training on them')
+    return _quantize_input(module, args)
+
+
+def _add_input_quantizer(module: nn.Module, quantizer: ActQuantizer,
+                         hook: Callable = _quantize_input) -> None:
     module.input_quantizer = quantizer
-    setattr(module, _HANDLE, module.register_forward_pre_hook(
-        _quantize_input))
+    setattr(module, _HANDLE, module.register_forward_pre_hook(hook))
 
 
 def patch_embed_conv(backbone: nn.Module) -> nn.Conv2d:
@@ -121,7 +140,8 @@ def prepare_act_quant(model: nn.Module,
             " in a config) or use scope='backbone'")
 
     _add_input_quantizer(patch_conv, ActQuantizer(cfg.patch_embed_bits,
-                                                  'per_tensor'))
+                                                  'per_tensor'),
+                         _quantize_image)
     for module in backbone.modules():
         if isinstance(module, nn.Linear):
             _add_input_quantizer(module, _conv_or_linear_quantizer(module,

@@ -36,5 +36,7 @@ def test_config_builds_and_runs(path):
                    for n, _ in model.named_modules())
         assert cfg.train_cfg.max_epochs == 1
         hooks = [h['type'] for h in cfg.custom_hooks]
-        assert hooks == ['ActQuantCalibrationHook', 'FeatureMimicHook']
+        assert hooks == ['ActQuantCalibrationHook', 'FeatureMimicHook',
+                         'QuantGuardHook', 'ResumableEpochHook']
+        assert cfg.randomness.seed == 0  # resumed epochs keep their order
         assert cfg.load_from == cfg.custom_hooks[1].teacher_checkpoint

@@ -26,12 +26,16 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import gplq_mmdet  # noqa: F401  (registers the plugin's modules)
-from gplq_mmdet.api import Stage2Error, atomic_write_text, check_matches
-from gplq_mmdet.checkpoint import UnsafeCheckpointError, safe_load
-from gplq_mmdet.cli import add_common_args, load_config
+from gplq_mmdet.api import Stage2Error, check_matches
+from gplq_mmdet.checkpoint import (
+    atomic_write_text,
+    safe_load,
+)
+from gplq_mmdet.cli import add_common_args, load_config, run_tool
 from gplq_mmdet.export import (
     DEFAULT_OPSET,
     export_onnx,
+    exportable_copy,
     run_onnxruntime,
 )
 from gplq_mmdet.stage2 import PACKED_KEY, restore_weight_quant, unpack_state
@@ -71,37 +75,30 @@ def first_test_image(cfg, model) -> torch.Tensor:
 
 def main() -> int:
     args = parse_args()
-    try:
-        cfg = load_config(args)
-        init_default_scope(cfg.get('default_scope', 'mmdet'))
-        ckpt = safe_load(args.checkpoint)
-        if not isinstance(ckpt, dict):
-            raise Stage2Error(f'{args.checkpoint} is not a checkpoint dict')
-        state = (unpack_state(ckpt) if PACKED_KEY in ckpt
-                 else ckpt.get('state_dict', ckpt))
-        model = MODELS.build(cfg.model)
-        check_matches(model, state, args.checkpoint)
-        model.load_state_dict(state, strict=False)
-        restore_weight_quant(model, ckpt)
-        model.eval()
-        image = first_test_image(cfg, model)
-        if args.image_size is not None:
-            image = torch.nn.functional.interpolate(
-                image, size=tuple(args.image_size), mode='bilinear')
-        out = args.out or osp.splitext(args.checkpoint)[0] + '.onnx'
-        summary = export_onnx(model, out, tuple(image.shape[-2:]),
-                              args.opset)
-    except (FileNotFoundError, UnsafeCheckpointError, ValueError) as err:
-        print(f'export_onnx: error: {err}', file=sys.stderr)
-        return 2
+    cfg = load_config(args)
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    ckpt = safe_load(args.checkpoint)
+    if not isinstance(ckpt, dict):
+        raise Stage2Error(f'{args.checkpoint} is not a checkpoint dict')
+    state = (unpack_state(ckpt) if PACKED_KEY in ckpt
+             else ckpt.get('state_dict', ckpt))
+    model = MODELS.build(cfg.model)
+    check_matches(model, state, args.checkpoint)
+    model.load_state_dict(state, strict=False)
+    restore_weight_quant(model, ckpt)
+    model.eval()
+    image = first_test_image(cfg, model)
+    if args.image_size is not None:
+        image = torch.nn.functional.interpolate(
+            image, size=tuple(args.image_size), mode='bilinear')
+    out = args.out or osp.splitext(args.checkpoint)[0] + '.onnx'
+    summary = export_onnx(model, out, tuple(image.shape[-2:]), args.opset)
     print(f'wrote {summary.path}: {summary.quantize_linear} QuantizeLinear, '
           f'{summary.dequantize_linear} DequantizeLinear, '
           f'{summary.int8_weights} int8 weight tensors, input '
           f'1x3x{image.shape[-2]}x{image.shape[-1]}')
     if not args.verify:
         return 0
-    from gplq_mmdet.export import exportable_copy
-
     with torch.no_grad():
         reference = exportable_copy(model)(image)
     report = dict(onnx=summary.path, tolerance_relative=TOLERANCE, levels={})
@@ -132,4 +129,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main, 'export_onnx'))

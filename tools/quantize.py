@@ -22,13 +22,12 @@ from mmengine.runner import Runner
 
 import gplq_mmdet  # noqa: F401  (registers the plugin's modules)
 from gplq_mmdet.api import (
-    Stage2Error,
     Stage2Options,
-    atomic_write_text,
     quantize_runner,
     save_quantized,
 )
-from gplq_mmdet.cli import add_common_args, load_config
+from gplq_mmdet.checkpoint import atomic_write_text
+from gplq_mmdet.cli import add_common_args, load_config, run_tool
 from gplq_mmdet.ptq import CLIP_METHODS
 from gplq_mmdet.stage2 import WeightQuantConfig
 
@@ -59,23 +58,17 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     if not osp.isfile(args.checkpoint):
-        print(f'quantize: error: checkpoint {args.checkpoint!r} not found',
-              file=sys.stderr)
-        return 2
-    try:
-        options = Stage2Options(
-            weights=WeightQuantConfig(w_bits=args.w_bits, method=args.method,
-                                      gptq=args.gptq, qwt=args.qwt),
-            calib_batches=args.calib_batches, ptq_only=args.ptq_only,
-            act_only=args.act_only)
-        cfg = load_config(args)
-        cfg.load_from = args.checkpoint
-        cfg.setdefault('randomness', dict(seed=0))
-        runner = Runner.from_cfg(cfg)
-        meta = quantize_runner(runner, args.checkpoint, options)
-    except (Stage2Error, ValueError) as err:
-        print(f'quantize: error: {err}', file=sys.stderr)
-        return 2
+        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} not found')
+    options = Stage2Options(
+        weights=WeightQuantConfig(w_bits=args.w_bits, method=args.method,
+                                  gptq=args.gptq, qwt=args.qwt),
+        calib_batches=args.calib_batches, ptq_only=args.ptq_only,
+        act_only=args.act_only)
+    cfg = load_config(args)
+    cfg.load_from = args.checkpoint
+    cfg.setdefault('randomness', dict(seed=0))
+    runner = Runner.from_cfg(cfg)
+    meta = quantize_runner(runner, args.checkpoint, options)
     tag = (meta['bits'].lower() + ('_ptq-only' if args.ptq_only else '')
            + ('_qwt' if args.qwt else ''))
     save_quantized(runner.model, meta,
@@ -97,4 +90,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_tool(main, 'quantize'))

@@ -6,12 +6,13 @@ work dir (``metrics.json``).
 import argparse
 import json
 import os.path as osp
+import sys
 
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import gplq_mmdet  # noqa: F401  (registers the plugin's modules)
-from gplq_mmdet.cli import add_common_args, load_config
+from gplq_mmdet.cli import add_common_args, load_config, run_tool
 
 
 def parse_args() -> argparse.Namespace:
@@ -25,7 +26,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if not osp.isfile(args.checkpoint):
-        raise SystemExit(f'error: checkpoint {args.checkpoint!r} not found')
+        raise FileNotFoundError(f'checkpoint {args.checkpoint!r} not found')
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
     runner = (Runner.from_cfg(cfg) if 'runner_type' not in cfg
@@ -38,4 +39,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main, 'test'))

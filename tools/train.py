@@ -1,11 +1,12 @@
 """Train a detector: mmdet's ``tools/train.py`` with the plugin loaded."""
 import argparse
+import sys
 
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 import gplq_mmdet  # noqa: F401  (registers the plugin's modules)
-from gplq_mmdet.cli import add_common_args, load_config
+from gplq_mmdet.cli import add_common_args, load_config, run_tool
 
 
 def parse_args() -> argparse.Namespace:
@@ -31,7 +32,7 @@ def main() -> None:
         cfg.optim_wrapper.loss_scale = 'dynamic'
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
-            raise SystemExit('error: --auto-scale-lr needs '
+            raise ValueError('--auto-scale-lr needs '
                              'auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
@@ -46,4 +47,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(run_tool(main, 'train'))

@@ -25,3 +25,9 @@ gplq_optim_wrapper = dict(
     optimizer=dict(lr=gplq_lr),
     paramwise_cfg=dict(custom_keys={'_quantizer.step': gplq_step_options}))
 gplq_default_hooks = dict(checkpoint=dict(interval=1))
+
+# Stage 1 is one long epoch: a resume point every 500 iterations
+# (ResumableEpochHook), and a fixed seed so a resumed run sees the rest of
+# the epoch in the same order.
+gplq_resume_interval = 500
+randomness = dict(seed=0)
