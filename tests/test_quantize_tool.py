@@ -161,3 +161,45 @@ def test_checkpoint_that_does_not_fit_the_config(tiny_shapes, tmp_path):
     proc = _quantize(STAGE1_CONFIG, bad, tmp_path / 'w', tiny_shapes)
     assert proc.returncode == 2
     assert 'does not match the config' in proc.stderr
+
+
+def test_stage2_killed_midway_leaves_nothing_and_rerun_is_identical(
+        w4a4, stage1_run, tiny_shapes, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / 'out'
+    cmd = [sys.executable, 'tools/quantize.py', str(STAGE1_CONFIG),
+           str(stage1_run[2] / 'epoch_1.pth'), '--work-dir', str(out),
+           '--calib-batches', '2', '--cfg-options', *_options(tiny_shapes)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:  # killed once the checkpoint is loaded
+        if 'Load checkpoint' in line:
+            break
+        assert time.monotonic() < deadline
+    else:
+        pytest.fail('quantize.py ended before it loaded the checkpoint')
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(out.glob('quantized_*')) and not list(
+        out.glob('results_*'))
+    # A temporary file as a SIGKILL during the final write would leave it.
+    stale = out / '.quantized_w4a4.pth.x1y2z3.partial'
+    stale.write_bytes(b'PK half')
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not stale.exists()
+    first = safe_load(w4a4[0] / 'quantized_w4a4.pth')
+    second = safe_load(out / 'quantized_w4a4.pth')
+    for key, entry in first['packed_weights'].items():
+        assert torch.equal(entry['data'], second['packed_weights'][key]
+                           ['data']), key
+        assert torch.equal(entry['scale'], second['packed_weights'][key]
+                           ['scale']), key
+    metrics = json.loads((w4a4[0] / 'results_w4a4.json').read_text())
+    rerun = json.loads((out / 'results_w4a4.json').read_text())
+    assert rerun['metrics'] == metrics['metrics']
