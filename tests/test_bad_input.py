@@ -37,16 +37,7 @@ from gplq_mmdet.surgery import UnsupportedModelError
 
 from .conftest import ROOT, STAGE1_CONFIG
 from .test_quantize_tool import _options, _quantize
-
-
-def _swin() -> SwinTransformer:
-    torch.manual_seed(0)
-    swin = SwinTransformer(embed_dims=32, depths=(1, 1, 1, 1),
-                           num_heads=(1, 2, 4, 8))
-    swin.eval()  # mmdet's Swin.train() returns None, so not chained
-    prepare_act_quant(swin, dict(a_bits=4))
-    calibrate_act_quant(swin, [torch.randn(1, 3, 64, 64)], swin, 1)
-    return swin
+from .test_stage2 import _stage1_swin as _swin
 
 
 @pytest.mark.parametrize('make, error, message', [
