@@ -21,6 +21,8 @@ import copy
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MethodType
@@ -168,6 +170,40 @@ def exportable_copy(detector: nn.Module) -> BackboneNeck:
     return part
 
 
+@contextmanager
+def _fixed_vit_position_embeddings(part: nn.Module,
+                                   image: torch.Tensor) -> Iterator[None]:
+    """timm ViTs with ``dynamic_img_size`` resample their position
+    embedding on every forward with antialiased bicubic interpolation,
+    which ONNX cannot express, and always so while exporting. For a
+    fixed-size export the result is a constant: run the model once,
+    record timm's own resampled embeddings, and let the export use them."""
+    from timm.models import vision_transformer as timm_vit
+
+    if not any(isinstance(m, timm_vit.VisionTransformer)
+               and m.dynamic_img_size and m.pos_embed is not None
+               for m in part.modules()):
+        yield
+        return
+    resample = timm_vit.resample_abs_pos_embed
+    fixed: dict[int, torch.Tensor] = {}
+
+    def record(posemb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = resample(posemb, *args, **kwargs)
+        fixed[id(posemb)] = out.detach()
+        return out
+
+    try:
+        timm_vit.resample_abs_pos_embed = record
+        with torch.no_grad():
+            part(image)
+        timm_vit.resample_abs_pos_embed = (
+            lambda posemb, *args, **kwargs: fixed[id(posemb)])
+        yield
+    finally:
+        timm_vit.resample_abs_pos_embed = resample
+
+
 @dataclass(frozen=True)
 class ExportSummary:
     """What the written file contains."""
@@ -201,7 +237,8 @@ def export_onnx(detector: nn.Module, path: str | os.PathLike,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
     os.close(fd)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), \
+                _fixed_vit_position_embeddings(part, image):
             # Shape arithmetic traced to constants is what a fixed-size
             # export means; the tracer warns about each instance.
             warnings.simplefilter('ignore', torch.jit.TracerWarning)

@@ -60,6 +60,33 @@ def test_onnxruntime_matches_the_fake_quantized_model(tmp_path, granularity):
         assert torch.equal(ref, again)
 
 
+def test_vit_exports_with_its_position_embedding_fixed(tmp_path):
+    """timm resamples DINOv2's position embedding with antialiased bicubic
+    interpolation, which ONNX lacks; a fixed-size export uses the
+    resampled constant."""
+    from mmdet.registry import MODELS
+
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(str(ROOT / 'configs' / (
+        'gplq-w32a4_mask-rcnn_vit-s-p14-dinov2_simple-fpn_1e_shapes.py')))
+    cfg.model.backbone.init_cfg = None  # random weights will do
+    torch.manual_seed(0)
+    model = MODELS.build(cfg.model).eval()
+    image = torch.randn(1, 3, 112, 112)
+    calibrate_act_quant(model, [image], lambda x: model.neck(
+        model.backbone(x)), 1)
+    quantize_weights_(model, dict(w_bits=4))
+    reference = _features(model, image)
+    summary = export_onnx(model, tmp_path / 'vit.onnx', (112, 112))
+    assert summary.int8_weights == len(weight_quant_targets(model))
+    for ref, got in zip(reference, run_onnxruntime(summary.path, image),
+                        strict=True):
+        # float32 order differences, amplified where a value sits on a
+        # 4-bit rounding boundary (tools/export_onnx.py TOLERANCE)
+        assert (ref - got).abs().max() <= 2e-3 * ref.abs().max()
+        assert (ref - got).abs().mean() <= 1e-3 * ref.abs().mean()
+
+
 def test_graph_has_one_qdq_pair_per_quantizer_and_int8_weights(tmp_path):
     model = _w4a4_detector()
     quantizers = [q for _, q in iter_quantizers(model)]

@@ -41,8 +41,12 @@ from gplq_mmdet.export import (
 from gplq_mmdet.stage2 import PACKED_KEY, restore_weight_quant, unpack_state
 
 #: Largest difference between onnxruntime's and PyTorch's outputs that
-#: --verify accepts, relative to the largest |output| of that level.
-TOLERANCE = 1e-4
+#: --verify accepts, relative to the largest |output| of that level. The
+#: QDQ arithmetic is the same; float32 summation order differs (about 2e-5
+#: of the range through the FP32 ViT-S), and where that moves a value
+#: across a 4-bit rounding boundary the difference grows (measured: 1e-6
+#: on the nano Swin, 7e-4 on ViT-S/14 at 160 px).
+TOLERANCE = 2e-3
 
 
 def parse_args() -> argparse.Namespace:
