@@ -15,7 +15,7 @@ on a rerun (delete their folder to redo them).
 
 Example::
 
-    python tools/demo.py                 # full run, about 50 minutes
+    python tools/demo.py                 # full run, about an hour
     python tools/demo.py --quick         # same steps on tiny data, ~3 min
 """
 from __future__ import annotations
