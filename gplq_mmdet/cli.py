@@ -18,12 +18,13 @@ from collections.abc import Callable
 
 from mmengine.config import Config, DictAction
 
-from .checkpoint import CorruptCheckpointError, UnsafeCheckpointError
+from .checkpoint import UnsafeCheckpointError
 
 #: Errors a tool reports as one ``error:`` line (exit status 2) instead of
 #: a traceback: each message already says what is wrong and what to do.
-USER_ERRORS = (FileNotFoundError, CorruptCheckpointError,
-               UnsafeCheckpointError, ValueError, OSError)
+#: ValueError covers bad settings and CorruptCheckpointError; OSError covers
+#: missing files, unwritable work dirs and a full disk.
+USER_ERRORS = (ValueError, OSError, UnsafeCheckpointError)
 
 
 def run_tool(main: Callable[[], int | None], name: str) -> int:
