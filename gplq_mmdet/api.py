@@ -58,14 +58,24 @@ class Stage2Options:
                               'batch checks the fit)')
 
 
-def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
-    """The (unpacked) state dict of a plain, Runner or packed checkpoint."""
+def load_checkpoint_dict(path: str) -> dict[str, Any]:
+    """A checkpoint file, safely loaded; it must hold a dict."""
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict):
         raise Stage2Error(f'{path} is not a checkpoint dict')
+    return ckpt
+
+
+def state_of(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The (unpacked) state dict of a plain, Runner or packed checkpoint."""
     if PACKED_KEY in ckpt:
         return unpack_state(ckpt)
     return ckpt.get('state_dict', ckpt)
+
+
+def checkpoint_state(path: str) -> dict[str, torch.Tensor]:
+    """The (unpacked) state dict of the checkpoint file ``path``."""
+    return state_of(load_checkpoint_dict(path))
 
 
 def check_matches(model: torch.nn.Module, state: dict, path: str) -> None:

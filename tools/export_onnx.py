@@ -26,11 +26,8 @@ from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
 
 import gplq_mmdet  # noqa: F401  (registers the plugin's modules)
-from gplq_mmdet.api import Stage2Error, check_matches
-from gplq_mmdet.checkpoint import (
-    atomic_write_text,
-    safe_load,
-)
+from gplq_mmdet.api import check_matches, load_checkpoint_dict, state_of
+from gplq_mmdet.checkpoint import atomic_write_text
 from gplq_mmdet.cli import add_common_args, load_config, run_tool
 from gplq_mmdet.export import (
     DEFAULT_OPSET,
@@ -38,7 +35,7 @@ from gplq_mmdet.export import (
     exportable_copy,
     run_onnxruntime,
 )
-from gplq_mmdet.stage2 import PACKED_KEY, restore_weight_quant, unpack_state
+from gplq_mmdet.stage2 import restore_weight_quant
 
 #: Largest difference between onnxruntime's and PyTorch's outputs that
 #: --verify accepts, relative to the largest |output| of that level. The
@@ -81,11 +78,8 @@ def main() -> int:
     args = parse_args()
     cfg = load_config(args)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
-    ckpt = safe_load(args.checkpoint)
-    if not isinstance(ckpt, dict):
-        raise Stage2Error(f'{args.checkpoint} is not a checkpoint dict')
-    state = (unpack_state(ckpt) if PACKED_KEY in ckpt
-             else ckpt.get('state_dict', ckpt))
+    ckpt = load_checkpoint_dict(args.checkpoint)
+    state = state_of(ckpt)
     model = MODELS.build(cfg.model)
     check_matches(model, state, args.checkpoint)
     model.load_state_dict(state, strict=False)
