@@ -121,6 +121,11 @@ def quantize_runner(runner: Runner, checkpoint: str,
         raise Stage2Error(
             'the config has no activation quantizers: use a stage-1 config '
             "(backbone type 'QuantSwinTransformer'/'QuantTimmViT')")
+    if quant_config_of(model).w_bits is not None:
+        raise Stage2Error(
+            'the config fake-quantizes the weights already (quant_cfg.w_bits'
+            ' is set: the full-QAT baseline); evaluate its checkpoint with '
+            'tools/test.py, or use the GPLQ stage-1 config for stage 2')
     state = checkpoint_state(checkpoint)
     check_matches(model, state, checkpoint)
     runner.load_or_resume()

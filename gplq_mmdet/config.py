@@ -30,6 +30,11 @@ class QuantConfig:
         patch_embed_bits: bits of the patch-embedding input (per tensor).
         scope: ``backbone`` or ``all`` (see ``SCOPES``).
         quantize_attention: quantize the attention matmul operands.
+        w_bits: ``None`` (GPLQ stage 1: weights stay FP32 until stage 2).
+            An integer makes this the full-QAT baseline: the weights of
+            every act-quantized layer are fake-quantized too, with a learned
+            LSQ step per output channel, from the first iteration (the
+            patch embedding at ``patch_embed_bits``).
     """
 
     a_bits: int = 4
@@ -39,12 +44,15 @@ class QuantConfig:
     patch_embed_bits: int = 8
     scope: str = 'backbone'
     quantize_attention: bool = True
+    w_bits: int | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.a_bits, 'a_bits')
         if self.attn_bits is not None:
             check_bits(self.attn_bits, 'attn_bits')
         check_bits(self.patch_embed_bits, 'patch_embed_bits')
+        if self.w_bits is not None:
+            check_bits(self.w_bits, 'w_bits')
         check_granularity(self.a_granularity, 'a_granularity')
         check_granularity(self.attn_granularity, 'attn_granularity')
         if self.scope not in SCOPES:

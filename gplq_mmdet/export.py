@@ -146,6 +146,11 @@ def exportable_copy(detector: nn.Module) -> BackboneNeck:
         raise ExportError(
             'the model has no activation quantizers: export a stage-1 or '
             'stage-2 model (a gplq config and its checkpoint)')
+    if quant_config_of(detector).w_bits is not None:
+        raise ExportError(
+            'this is a full-QAT baseline model (quant_cfg.w_bits is set): '
+            'its weights are fake-quantized by learned LSQ steps, which the '
+            'exporter does not pack; export GPLQ stage-2 models')
     missing = [name for name, q in iter_quantizers(detector)
                if bool(q.enabled) and not bool(q.calibrated)]
     if missing:

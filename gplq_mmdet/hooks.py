@@ -19,6 +19,7 @@ from torch import nn
 
 from .checkpoint import safe_load, state_dict_mismatch
 from .losses import PCAMimicLoss, as_samples
+from .qat import init_weight_quantizers
 from .surgery import (
     calibrate_act_quant,
     iter_quantizers,
@@ -52,7 +53,10 @@ class ActQuantCalibrationHook(Hook):
     batches before the first iteration (skipped when all steps are already
     calibrated, e.g. on resume). Under DDP the steps are averaged over ranks
     so every rank quantizes alike. Saves the quantization settings in the
-    checkpoint's ``meta['gplq']``.
+    checkpoint's ``meta['gplq']``. For the full-QAT baseline
+    (``quant_cfg.w_bits``) it first sets the weight steps from the loaded
+    weights, as stage 2 would, and calibrates the activations behind the
+    fake-quantized weights.
 
     Example::
 
@@ -78,6 +82,10 @@ class ActQuantCalibrationHook(Hook):
         cfg = quant_config_of(model)
         scope = cfg.scope if cfg is not None else 'unknown'
         logger = MMLogger.get_current_instance()
+        weights = init_weight_quantizers(model)
+        if weights:
+            logger.info(f'initialised {weights} weight quantizers (full QAT)'
+                        ' from the loaded weights')
         if all(bool(q.calibrated) for q in quantizers):
             logger.info(f'activation quantizers ({len(quantizers)}, scope='
                         f'{scope}) already calibrated; not recalibrating')

@@ -12,6 +12,9 @@ Where quantizers go (selected by module type, never by name):
   ``nn.Linear`` outside the backbone (neck, RPN and RoI heads).
   Transposed convolutions (the mask head's upsampling) stay FP32.
 
+With ``quant_cfg.w_bits`` set (the full-QAT baseline), each of those
+Linear/Conv2d layers also gets a ``weight_quantizer`` (:mod:`.qat`).
+
 Each quantized Linear/Conv2d gets an ``input_quantizer`` submodule applied
 by a forward pre-hook whose handle is kept, so :func:`remove_act_quant`
 restores the original model exactly.
@@ -27,6 +30,7 @@ from torch import nn
 
 from .attention import MATMUL_QUANTIZERS, QUANT_ATTENTION, head_dim
 from .config import QuantConfig
+from .qat import add_weight_quantizer, remove_weight_quantizer
 from .quantizers import ActQuantizer
 from .qwt import detach_qwt, register_qwt_loading, unregister_qwt_loading
 
@@ -164,18 +168,24 @@ def prepare_act_quant(model: nn.Module,
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 _add_input_quantizer(module,
                                      _conv_or_linear_quantizer(module, cfg))
+    if cfg.w_bits is not None:
+        for module in list(model.modules()):
+            if hasattr(module, 'input_quantizer'):
+                add_weight_quantizer(module, cfg.patch_embed_bits
+                                     if module is patch_conv else cfg.w_bits)
     setattr(model, CFG_ATTR, cfg)
     register_qwt_loading(model)
     return model
 
 
 def remove_act_quant(model: nn.Module) -> nn.Module:
-    """Undo :func:`prepare_act_quant`: hooks, quantizers, attention
-    classes, QwT compensations. The FP32 parameters are left as they
-    are."""
+    """Undo :func:`prepare_act_quant`: hooks, quantizers (weight
+    quantizers too), attention classes, QwT compensations. The FP32
+    parameters are left as they are."""
     detach_qwt(model)
     for module in model.modules():
         unregister_qwt_loading(module)
+        remove_weight_quantizer(module)
         module.__dict__.pop(CFG_ATTR, None)
         handle = module.__dict__.pop(_HANDLE, None)
         if handle is not None:

@@ -31,3 +31,15 @@ gplq_default_hooks = dict(checkpoint=dict(interval=1))
 # the epoch in the same order.
 gplq_resume_interval = 500
 randomness = dict(seed=0)
+
+# The full-QAT baseline (qat-w4a4_* configs): the same layout with the
+# weights fake-quantized from the start (quant_cfg.w_bits). Their LSQ steps
+# are a few hundredths, so they learn at 10x the weight rate, not 1000x.
+gplq_qat_weight_step_options = dict(lr_mult=10.0, decay_mult=0.0)
+gplq_qat_optim_wrapper = dict(
+    optimizer=dict(lr=gplq_lr),
+    paramwise_cfg=dict(
+        custom_keys={
+            '_quantizer.step': gplq_step_options,
+            'weight_quantizer.step': gplq_qat_weight_step_options,
+        }))
