@@ -241,8 +241,13 @@ class ResumableEpochHook(Hook):
         if not dist.is_main_process():
             return
         # Only once the epoch checkpoint has replaced them as the latest;
-        # this includes the points of an earlier, interrupted process.
-        with open(osp.join(runner.work_dir, 'last_checkpoint')) as f:
+        # this includes the points of an earlier, interrupted process. An
+        # epoch without a checkpoint (CheckpointHook interval > 1) and
+        # without resume points has no ``last_checkpoint`` yet.
+        last = osp.join(runner.work_dir, 'last_checkpoint')
+        if not osp.isfile(last):
+            return
+        with open(last) as f:
             current = osp.abspath(f.read().strip())
         for path in _resume_points(runner.work_dir):
             if osp.abspath(path) != current:

@@ -82,6 +82,22 @@ def test_resume_hook_arguments_are_checked():
         ResumableEpochHook(max_keep=0)
 
 
+def test_epoch_without_checkpoint_keeps_its_resume_points(tmp_path):
+    """A multi-epoch run that saves every k epochs (the 5x QAT baseline)
+    ends epochs with no ``last_checkpoint`` or with it on a resume point;
+    neither may fail or delete the newest resume point."""
+    from types import SimpleNamespace
+
+    hook = ResumableEpochHook(interval=2)
+    runner = SimpleNamespace(work_dir=str(tmp_path))
+    hook.after_train_epoch(runner)  # no last_checkpoint yet: nothing to do
+    point = tmp_path / 'resume_iter_2.pth'
+    point.write_bytes(b'x')
+    (tmp_path / 'last_checkpoint').write_text(str(point))
+    hook.after_train_epoch(runner)
+    assert point.is_file()
+
+
 def _train_cmd(data, work, fp32, *extra):
     fp32 = str(fp32)
     return [sys.executable, 'tools/train.py', str(STAGE1_CONFIG),
