@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 
@@ -101,20 +102,69 @@ def run_step(cmd: list[str], log: str | os.PathLike, cwd: str | None = None,
     """Run one tool as a subprocess, its output to ``log``; lines for which
     ``echo`` is true are also printed. Returns the wall time in seconds and
     exits with a pointer to the log if the step fails."""
+    return run_measured_step(cmd, log, cwd, echo)[0]
+
+
+#: How ``run_measured_step`` measures memory, for reports.
+MEMORY_METHOD = ('peak PSS of the process and its data-loader workers, '
+                 'sampled every 0.5 s from /proc')
+
+
+def _tree_pss_mb(pid: int) -> float:
+    """Proportional set size of ``pid`` and its descendants, in MB (shared
+    pages counted once, split among the processes sharing them)."""
+    total, stack = 0, [pid]
+    while stack:
+        proc = stack.pop()
+        try:
+            with open(f'/proc/{proc}/smaps_rollup') as f:
+                for line in f:
+                    if line.startswith('Pss:'):
+                        total += int(line.split()[1])
+                        break
+            for task in os.listdir(f'/proc/{proc}/task'):
+                with open(f'/proc/{proc}/task/{task}/children') as f:
+                    stack += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue  # the process ended while being read
+    return total / 1024
+
+
+class _PeakMemory(threading.Thread):
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.peak = pid, interval, 0.0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.peak = max(self.peak, _tree_pss_mb(self.pid))
+
+
+def run_measured_step(cmd: list[str], log: str | os.PathLike,
+                      cwd: str | None = None,
+                      echo: Callable[[str], bool] | None = None
+                      ) -> tuple[float, float]:
+    """:func:`run_step`, also returning the step's peak memory in MB
+    (:data:`MEMORY_METHOD`; 0 where /proc is not available)."""
     print('$ ' + ' '.join(map(str, cmd)), flush=True)
     start = time.perf_counter()
     with open(log, 'w') as f:
         proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd,
                                 stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
+        sampler = _PeakMemory(proc.pid)
+        sampler.start()
         for line in proc.stdout:
             f.write(line)
             if echo is not None and echo(line):
                 print('  ' + line.rstrip()[:160], flush=True)
         proc.wait()
+        sampler.done.set()
+        sampler.join()
     if proc.returncode != 0:
         sys.exit(f'step failed (exit {proc.returncode}); see {log}')
-    return time.perf_counter() - start
+    return time.perf_counter() - start, sampler.peak
 
 
 def default_echo(line: str) -> bool:
