@@ -97,6 +97,19 @@ def data_root_options(data_root: str) -> list[str]:
     ]
 
 
+#: make_shapes_coco.py options of the ``--quick`` runs (demo, benchmark):
+#: the same tiny set, so the two share ``data/shapes-quick``.
+QUICK_DATA_OPTIONS = ('--num-train', '16', '--num-val', '8', '--image-size',
+                      '96')
+
+
+def shapes_data_command(python: str, data_root: str | os.PathLike,
+                        quick: bool) -> list[str]:
+    """The tools/make_shapes_coco.py command of a demo or benchmark run."""
+    return ([python, 'tools/make_shapes_coco.py', str(data_root)] +
+            (list(QUICK_DATA_OPTIONS) if quick else []))
+
+
 def run_step(cmd: list[str], log: str | os.PathLike, cwd: str | None = None,
              echo: Callable[[str], bool] | None = None) -> float:
     """Run one tool as a subprocess, its output to ``log``; lines for which

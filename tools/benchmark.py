@@ -45,6 +45,7 @@ from gplq_mmdet.cli import (
     data_root_options,
     default_echo,
     run_measured_step,
+    shapes_data_command,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -488,9 +489,7 @@ def main() -> None:
     work = Path(args.work_dir or f'work_dirs/benchmark{suffix}').resolve()
     data = Path(args.data_root or f'data/shapes{suffix}').resolve()
     work.mkdir(parents=True, exist_ok=True)
-    make = [PY, 'tools/make_shapes_coco.py', data]
-    if args.quick:
-        make += ['--num-train', '16', '--num-val', '8', '--image-size', '96']
+    make = shapes_data_command(PY, data, args.quick)
     run_measured_step(make, work / 'make_data.log', ROOT, default_echo)
     results = {}
     for name in args.tracks:

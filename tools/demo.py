@@ -28,7 +28,12 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from gplq_mmdet.cli import data_root_options, default_echo, run_step
+from gplq_mmdet.cli import (
+    data_root_options,
+    default_echo,
+    run_step,
+    shapes_data_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32_CONFIG = 'configs/mask-rcnn_swin-n-p4-w7_fpn_20e_shapes.py'
@@ -76,9 +81,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
 
-    make = [py, 'tools/make_shapes_coco.py', str(data)]
-    if args.quick:
-        make += ['--num-train', '16', '--num-val', '8', '--image-size', '96']
+    make = shapes_data_command(py, data, args.quick)
     run_step(make, work / 'make_data.log', ROOT, default_echo)
     data_opts = data_root_options(data)
     quick_train = (['train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
