@@ -99,7 +99,8 @@ class PercentileObserver(_BatchMeanObserver):
         flat = _subsample(_finite(x))
         if flat.numel() == 0:
             return
-        q = torch.quantile(flat, torch.tensor([self.low, self.high]))
+        q = torch.quantile(flat, torch.tensor([self.low, self.high],
+                                              device=flat.device))
         self.total += float(self._bound(q))
         self.count += 1
 
@@ -117,7 +118,9 @@ class TokenRatioObserver(_BatchMeanObserver):
         if tokens.numel() == 0:
             return
         rows = tokens[::max(1, tokens.shape[0] // 4096)]
-        q = torch.quantile(rows, torch.tensor([self.low, self.high]), dim=1)
+        q = torch.quantile(
+            rows, torch.tensor([self.low, self.high], device=rows.device),
+            dim=1)
         bound = self._bound(q)
         peak = rows.abs().amax(1) if self.signed else rows.clamp_min(0).amax(1)
         keep = peak > 0

@@ -122,9 +122,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor,
         raise ValueError(f'Hessian shape {tuple(hessian.shape)} does not '
                          f'match {cols} input features')
     q_min, q_max = quant_range(bits, True)
-    w = weight.detach().double().clone()
-    h = hessian.detach().double().clone()
-    scale = weight_scales(weight, bits, method).double()
+    # On the CPU in float64, where the Hessian was accumulated.
+    w = weight.detach().cpu().double().clone()
+    h = hessian.detach().cpu().double().clone()
+    scale = weight_scales(weight.detach().cpu(), bits, method).double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
