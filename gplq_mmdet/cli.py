@@ -17,7 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 from mmengine.config import Config, DictAction
+from torch import distributed as dist
 
 from .checkpoint import UnsafeCheckpointError
 
@@ -81,7 +83,29 @@ def load_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = osp.join('./work_dirs',
                                 osp.splitext(osp.basename(args.config))[0])
     check_writable_dir(cfg.work_dir)
+    if args.launcher == 'pytorch' and not torch.cuda.is_available():
+        use_cpu_processes(cfg)
     return cfg
+
+
+def use_cpu_processes(cfg: Config) -> None:
+    """Let a torchrun launch (``--launcher pytorch``) run on a machine
+    without CUDA: one CPU process per rank over gloo.
+
+    mmengine's launcher selects a CUDA device per rank and wraps the model
+    with ``device_ids=[LOCAL_RANK]``, both of which need a GPU. Here the
+    process group is created first (mmengine then leaves it alone) and DDP
+    gets no device ids, which is how DDP runs on CPU. GPU runs never get
+    here."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend='gloo')
+    wrapper = cfg.get('model_wrapper_cfg') or {}
+    wrapper.setdefault('type', 'MMDistributedDataParallel')
+    wrapper.setdefault('broadcast_buffers', False)
+    wrapper.setdefault('find_unused_parameters',
+                       cfg.get('find_unused_parameters', False))
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
 
 
 def data_root_options(data_root: str) -> list[str]:

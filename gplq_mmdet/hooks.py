@@ -15,7 +15,9 @@ from mmengine import dist
 from mmengine.hooks import Hook
 from mmengine.logging import MMLogger
 from mmengine.model import is_model_wrapper
+from mmengine.runner import Runner
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .checkpoint import safe_load, state_dict_mismatch
 from .losses import PCAMimicLoss, as_samples
@@ -35,6 +37,24 @@ MIMIC_MODES = ('pca', 'none')
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside a DDP/mmengine wrapper, or the model itself."""
     return model.module if is_model_wrapper(model) else model
+
+
+def setup_loader(runner) -> DataLoader:
+    """Training batches for calibration and the PCA fit, from a loader of
+    their own over the runner's training set (same pipeline, this rank's
+    share of the images, shuffled with a fixed seed).
+
+    Iterating ``runner.train_dataloader`` partway instead would leave mmdet's
+    ``AspectRatioBatchSampler`` holding images from the abandoned pass, so
+    the epoch would get extra batches, and a different number per rank
+    (rank 0 alone fits the PCA basis): under DDP the ranks would then wait
+    for each other forever."""
+    cfg = copy.deepcopy(runner.cfg.train_dataloader).to_dict()
+    cfg.pop('batch_sampler', None)
+    cfg.update(dataset=runner.train_dataloader.dataset,
+               sampler=dict(type='DefaultSampler', shuffle=True, seed=0),
+               persistent_workers=False)
+    return Runner.build_dataloader(cfg, seed=0)
 
 
 def detector_forward(model: nn.Module):
@@ -92,7 +112,7 @@ class ActQuantCalibrationHook(Hook):
             return
         was_training = model.training
         model.eval()
-        used = calibrate_act_quant(model, runner.train_dataloader,
+        used = calibrate_act_quant(model, setup_loader(runner),
                                    detector_forward(model), self.num_batches)
         model.train(was_training)
         if dist.get_world_size() > 1:
@@ -187,7 +207,7 @@ class FeatureMimicHook(Hook):
     def _fit_pca(self, runner, model: nn.Module) -> None:
         rows: list[list[torch.Tensor]] | None = None
         gen = torch.Generator().manual_seed(0)
-        for i, data in enumerate(runner.train_dataloader):
+        for i, data in enumerate(setup_loader(runner)):
             if i == self.num_fit_batches:
                 break
             inputs = model.data_preprocessor(data, False)['inputs']
@@ -229,7 +249,9 @@ class FeatureMimicHook(Hook):
             else:
                 dims = None
             if dist.get_world_size() > 1:
-                dims = dist.broadcast_object_list([dims])[0]
+                holder = [dims]  # broadcast in place (returns None)
+                dist.broadcast_object_list(holder)
+                dims = holder[0]
                 if self.pca is None:
                     self.pca = PCAMimicLoss(dims)
                 self.pca.to(device)

@@ -117,9 +117,13 @@ class PCAMimicLoss(nn.Module):
             raise ValueError(
                 f'expected {len(self.levels)} feature levels, got '
                 f'{len(student)} (student) and {len(teacher)} (teacher)')
-        total = student[0].new_zeros(())
-        for level, s, t in zip(self.levels, student, teacher, strict=True):
-            diff = level.project(as_samples(s).float()) - level.project(
-                as_samples(t).float().detach())
-            total = total + diff.pow(2).sum(1).mean()
+        # In float32 even under AMP: the projections are matmuls, which
+        # autocast would run in half precision.
+        total = student[0].new_zeros((), dtype=torch.float32)
+        with torch.autocast(student[0].device.type, enabled=False):
+            for level, s, t in zip(self.levels, student, teacher,
+                                   strict=True):
+                diff = level.project(as_samples(s).float()) - level.project(
+                    as_samples(t).float().detach())
+                total = total + diff.pow(2).sum(1).mean()
         return total / len(self.levels)

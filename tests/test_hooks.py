@@ -24,7 +24,7 @@ _stage1_cfg = stage1_config
 def _mock_runner(cfg, tmp_path) -> SimpleNamespace:
     register_all_modules()
     runner = Runner.from_cfg(cfg)  # builds model and loaders only
-    return SimpleNamespace(model=runner.model,
+    return SimpleNamespace(model=runner.model, cfg=runner.cfg,
                            train_dataloader=runner.train_dataloader)
 
 
