@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -56,6 +56,24 @@ class Stage2Options:
         if self.weights.qwt and self.calib_batches < 2:
             raise Stage2Error('--qwt needs --calib-batches >= 2 (every 4th '
                               'batch checks the fit)')
+
+
+def stage2_options(settings: dict | None, overrides: dict[str, Any],
+                   ptq_only: bool = False, act_only: bool = False
+                   ) -> Stage2Options:
+    """Stage-2 options from a config's ``gplq_stage2`` dict, with the
+    command line's values (those not ``None``) taking precedence."""
+    merged = dict(settings or {})
+    allowed = {f.name for f in fields(WeightQuantConfig)} | {'calib_batches'}
+    unknown = sorted(set(merged) - allowed)
+    if unknown:
+        raise Stage2Error(f'gplq_stage2 has unknown keys {unknown}; known: '
+                          f'{", ".join(sorted(allowed))}')
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    calib_batches = merged.pop('calib_batches', 32)
+    return Stage2Options(weights=WeightQuantConfig(**merged),
+                         calib_batches=calib_batches, ptq_only=ptq_only,
+                         act_only=act_only)
 
 
 def load_checkpoint_dict(path: str) -> dict[str, Any]:

@@ -80,8 +80,41 @@ def _allowed_globals() -> list:
     return allowed
 
 
+URL_PREFIXES = ('http://', 'https://')
+
+
+def download_checkpoint(url: str) -> str:
+    """The local copy of a checkpoint URL (e.g. the mmdet model zoo), in
+    torch's hub cache (``$TORCH_HOME/hub/checkpoints``) as mmengine keeps
+    it, downloaded first if needed: by local rank 0 while the other ranks
+    wait. A file name ending in ``-<hex>.pth`` (the model zoo's) is checked
+    against that SHA-256 prefix."""
+    from mmengine.dist import barrier, get_dist_info
+
+    name = osp.basename(url.split('?')[0])
+    folder = osp.join(torch.hub.get_dir(), 'checkpoints')
+    path = osp.join(folder, name)
+    rank, world_size = get_dist_info()
+    local_rank = int(os.environ.get('LOCAL_RANK', rank))
+    if local_rank == 0 and not osp.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        found = torch.hub.HASH_REGEX.search(name)
+        try:
+            torch.hub.download_url_to_file(
+                url, path, hash_prefix=found.group(1) if found else None,
+                progress=False)
+        except (OSError, RuntimeError) as err:
+            raise OSError(
+                errno.EIO, f'could not download {url} ({err}); download it '
+                'yourself and point the config at the local file') from err
+    if world_size > 1:
+        barrier()
+    return path
+
+
 def safe_load(path: str | os.PathLike, map_location: Any = 'cpu') -> Any:
     """``torch.load`` with ``weights_only=True`` and the minimal allow-list.
+    An ``http(s)://`` path is downloaded first (:func:`download_checkpoint`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -90,7 +123,10 @@ def safe_load(path: str | os.PathLike, map_location: Any = 'cpu') -> Any:
         UnsafeCheckpointError: the file asks for an object outside the
             allow-list (possibly code); it is not loaded.
     """
-    path = osp.expanduser(os.fspath(path))
+    path = os.fspath(path)
+    if path.startswith(URL_PREFIXES):
+        path = download_checkpoint(path)
+    path = osp.expanduser(path)
     if not osp.isfile(path):
         raise FileNotFoundError(f'checkpoint {path!r} not found')
     size = osp.getsize(path)
@@ -200,10 +236,11 @@ def _mmengine_local_loader(filename: str, map_location: Any) -> Any:
 
 
 def register_safe_loader() -> None:
-    """Route mmengine's local checkpoint loading (load_from, resume,
-    ``init_cfg`` of type Pretrained) through :func:`safe_load`."""
+    """Route mmengine's loading of local files and http(s) URLs (load_from,
+    resume, ``init_cfg`` of type Pretrained) through :func:`safe_load`."""
     from mmengine.runner.checkpoint import CheckpointLoader
 
-    CheckpointLoader.register_scheme(prefixes='',
-                                     loader=_mmengine_local_loader,
-                                     force=True)
+    for prefixes in ('', URL_PREFIXES):
+        CheckpointLoader.register_scheme(prefixes=prefixes,
+                                         loader=_mmengine_local_loader,
+                                         force=True)

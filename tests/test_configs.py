@@ -26,8 +26,13 @@ def test_config_builds_and_runs(path):
     with torch.no_grad():
         feats = model.extract_feat(torch.randn(1, 3, size, size))
     assert len(feats) == cfg.model.neck.num_outs
-    assert feats[0].shape == (1, cfg.model.neck.out_channels, size // 4,
-                              size // 4)
+    # The first FPN level has the stride of its backbone output: 4 for the
+    # first Swin stage or the ViT pyramid, 8 for RetinaNet's (stages 1-3).
+    first = cfg.model.backbone.get('out_indices', (0, 1, 2, 3))[
+        cfg.model.neck.get('start_level', 0)]
+    stride = 4 * 2**first
+    assert feats[0].shape == (1, cfg.model.neck.out_channels, size // stride,
+                              size // stride)
     if 'classes' in cfg:  # the generated-data tracks
         assert model.roi_head.bbox_head.num_classes == len(cfg.classes)
     quant = cfg.model.backbone.get('quant_cfg')

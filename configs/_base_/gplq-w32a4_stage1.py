@@ -11,10 +11,15 @@ gplq_quant_cfg = dict(
     patch_embed_bits=8,
     scope='backbone')
 
-# One epoch at a constant, tiny learning rate (METHOD.md: 5e-6 at batch 128,
-# 2.5e-6 at 64, 1e-6 at 32 and below). The steps get their own rate (1e-3)
-# and no weight decay: at 1e-6 they would barely move in one epoch.
+# One epoch of AdamW at a constant, tiny learning rate (METHOD.md: 5e-6 at
+# batch 128, 2.5e-6 at 64, 1e-6 at 32 and below), whatever optimizer the FP32
+# model was trained with (mmdet's RetinaNet uses SGD). The steps get their
+# own rate (1e-3) and no weight decay: at 1e-6 they would barely move in one
+# epoch. mmdet's Swin parameter groups (no decay on norms and position
+# tables) are kept.
 gplq_lr = 1e-6
+gplq_optimizer = dict(_delete_=True, type='AdamW', lr=gplq_lr,
+                      betas=(0.9, 0.999), weight_decay=0.05)
 gplq_step_options = dict(lr_mult=1000.0, decay_mult=0.0)
 gplq_calibration_batches = 8
 
@@ -22,9 +27,13 @@ gplq_calibration_batches = 8
 #   train_cfg = {{_base_.gplq_train_cfg}}, and so on.
 gplq_train_cfg = dict(max_epochs=1, val_interval=1)
 gplq_optim_wrapper = dict(
-    optimizer=dict(lr=gplq_lr),
+    optimizer=gplq_optimizer,
     paramwise_cfg=dict(custom_keys={'_quantizer.step': gplq_step_options}))
 gplq_default_hooks = dict(checkpoint=dict(interval=1))
+# mmdet's COCO recipes train with 2 images per GPU; the paper's stage 1 used
+# 1 per GPU (8 GPUs: total batch 8, lr 1e-6). --auto-scale-lr scales the
+# rate linearly from that total.
+gplq_auto_scale_lr = dict(enable=False, base_batch_size=8)
 
 # Stage 1 is one long epoch: a resume point every 500 iterations
 # (ResumableEpochHook), and a fixed seed so a resumed run sees the rest of
@@ -37,7 +46,7 @@ randomness = dict(seed=0)
 # are a few hundredths, so they learn at 10x the weight rate, not 1000x.
 gplq_qat_weight_step_options = dict(lr_mult=10.0, decay_mult=0.0)
 gplq_qat_optim_wrapper = dict(
-    optimizer=dict(lr=gplq_lr),
+    optimizer=gplq_optimizer,
     paramwise_cfg=dict(
         custom_keys={
             '_quantizer.step': gplq_step_options,
