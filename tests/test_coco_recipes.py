@@ -29,7 +29,7 @@ from mmengine.config import Config
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.runner import Runner
 
-from gplq_mmdet.api import quantize_runner, stage2_options
+from gplq_mmdet.api import stage2_options
 from gplq_mmdet.checkpoint import safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,19 +210,45 @@ def test_recipe_end_to_end_on_generated_coco(stem, coco80, tmp_path):
     assert saved['meta']['gplq']['a_bits'] == 4
     del runner
 
-    # Stage 2 with the stage-2 config's settings, then the COCO test loop.
+    # Stage 2 through tools/quantize.py with the stage-2 config's settings
+    # (pointed at the generated data), then the COCO test loop.
     stage2 = Config.fromfile(str(CONFIGS / f'gplq-w4a4_{stem}.py'))
     assert stage2.stage1_checkpoint == (
         f'work_dirs/gplq-w32a4_{stem}/epoch_1.pth')
-    cfg = point_at(stage2, coco80, tmp_path / 'stage2')
-    cfg.load_from = str(stage1_ckpt)
-    runner = Runner.from_cfg(cfg)
-    options = stage2_options(cfg.gplq_stage2, dict(calib_batches=1))
-    assert options.weights.w_bits == 4
-    meta = quantize_runner(runner, str(stage1_ckpt), options)
-    assert meta['bits'] == 'W4A4'
-    metrics = runner.test()
-    assert 0 <= metrics['coco/bbox_mAP'] <= 1
+    assert stage2.gplq_stage2.w_bits == 4
+    config = tmp_path / f'gplq-w4a4_{stem}.py'
+    point_at(stage2, coco80, tmp_path / 'stage2').dump(str(config))
+    out = subprocess.run(
+        [sys.executable, 'tools/quantize.py', str(config), str(stage1_ckpt),
+         '--calib-batches', '1'], cwd=ROOT, capture_output=True, text=True,
+        timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    results = json.loads(
+        (tmp_path / 'stage2' / 'results_w4a4.json').read_text())
+    assert results['meta']['bits'] == 'W4A4'
+    assert results['meta']['weights']['method'] == 'percentile'
+    assert 0 <= results['metrics']['coco/bbox_mAP'] <= 1
+    assert 'W4A4 (GPLQ' in out.stdout
+    assert (tmp_path / 'stage2' / 'quantized_w4a4.pth').is_file()
+
+
+def test_stage2_settings_come_from_the_config_and_flags_override():
+    settings = Config.fromfile(
+        str(CONFIGS / f'gplq-w4a4_{RECIPES[0]}.py')).gplq_stage2
+    options = stage2_options(settings, dict(w_bits=None, method=None,
+                                            gptq=None, qwt=None,
+                                            calib_batches=None))
+    assert (options.weights.w_bits, options.weights.method,
+            options.weights.gptq, options.calib_batches) == (
+                4, 'percentile', False, 32)
+    options = stage2_options(dict(settings, qwt=True),
+                             dict(w_bits=3, qwt=False, calib_batches=4))
+    assert (options.weights.w_bits, options.weights.qwt,
+            options.calib_batches) == (3, False, 4)
+    with pytest.raises(ValueError, match=r"unknown keys \['bits'\]"):
+        stage2_options(dict(bits=4), {})
+    with pytest.raises(ValueError, match='w_bits'):
+        stage2_options(dict(w_bits=1), {})
 
 
 def test_quantize_names_a_missing_stage1_checkpoint(tmp_path):

@@ -48,11 +48,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--method',
                         help='weight clipping (default percentile): '
                         f'{", ".join(CLIP_METHODS)}')
-    parser.add_argument('--gptq', action='store_true', default=None,
-                        help='GPTQ error feedback on Linear layers')
-    parser.add_argument('--qwt', action='store_true', default=None,
+    parser.add_argument('--gptq', action=argparse.BooleanOptionalAction,
+                        help='GPTQ error feedback on Linear layers '
+                        '(default off)')
+    parser.add_argument('--qwt', action=argparse.BooleanOptionalAction,
                         help='QwT: fit a closed-form linear compensation '
-                        'per transformer block after quantizing')
+                        'per transformer block after quantizing (default '
+                        'off)')
     parser.add_argument('--calib-batches', type=int,
                         help='calibration batches (default 32)')
     parser.add_argument('--ptq-only', action='store_true',
@@ -90,7 +92,7 @@ def main() -> int:
     runner = Runner.from_cfg(cfg)
     meta = quantize_runner(runner, args.checkpoint, options)
     tag = (meta['bits'].lower() + ('_ptq-only' if args.ptq_only else '')
-           + ('_qwt' if args.qwt else ''))
+           + ('_qwt' if options.weights.qwt else ''))
     save_quantized(runner.model, meta,
                    osp.join(cfg.work_dir, f'quantized_{tag}.pth'))
     metrics = runner.test()
@@ -102,10 +104,11 @@ def main() -> int:
     if meta['qwt'] is not None:
         kept = sum(row['kept'] for row in meta['qwt'])
         method += f" + QwT on {kept}/{len(meta['qwt'])} blocks"
-    print(f"\n{meta['bits']} ({method}, "
-          f"scope {meta['scope']}): box mAP "
-          f"{metrics['coco/bbox_mAP']:.3f}, mask mAP "
-          f"{metrics['coco/segm_mAP']:.3f}; wrote {out}")
+    scores = f"box mAP {metrics['coco/bbox_mAP']:.3f}"
+    if 'coco/segm_mAP' in metrics:  # detectors without masks have none
+        scores += f", mask mAP {metrics['coco/segm_mAP']:.3f}"
+    print(f"\n{meta['bits']} ({method}, scope {meta['scope']}): {scores}; "
+          f'wrote {out}')
     return 0
 
 

@@ -15,8 +15,8 @@ gplq_quant_cfg = dict(
 # batch 128, 2.5e-6 at 64, 1e-6 at 32 and below), whatever optimizer the FP32
 # model was trained with (mmdet's RetinaNet uses SGD). The steps get their
 # own rate (1e-3) and no weight decay: at 1e-6 they would barely move in one
-# epoch. mmdet's Swin parameter groups (no decay on norms and position
-# tables) are kept.
+# epoch. Norms and position tables get no weight decay, as in mmdet's Swin
+# recipes (its RetinaNet recipe, SGD, has no such groups).
 gplq_lr = 1e-6
 gplq_optimizer = dict(_delete_=True, type='AdamW', lr=gplq_lr,
                       betas=(0.9, 0.999), weight_decay=0.05)
@@ -26,9 +26,16 @@ gplq_calibration_batches = 8
 # The stage-1 schedule as a stage-1 config assigns it:
 #   train_cfg = {{_base_.gplq_train_cfg}}, and so on.
 gplq_train_cfg = dict(max_epochs=1, val_interval=1)
+gplq_no_decay = dict(decay_mult=0.0)
 gplq_optim_wrapper = dict(
     optimizer=gplq_optimizer,
-    paramwise_cfg=dict(custom_keys={'_quantizer.step': gplq_step_options}))
+    paramwise_cfg=dict(
+        custom_keys={
+            'absolute_pos_embed': gplq_no_decay,
+            'relative_position_bias_table': gplq_no_decay,
+            'norm': gplq_no_decay,
+            '_quantizer.step': gplq_step_options,
+        }))
 gplq_default_hooks = dict(checkpoint=dict(interval=1))
 # mmdet's COCO recipes train with 2 images per GPU; the paper's stage 1 used
 # 1 per GPU (8 GPUs: total batch 8, lr 1e-6). --auto-scale-lr scales the
