@@ -20,6 +20,7 @@ def _run(args, timeout=600):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_table_json_plot_and_caches(
         tmp_path, fp32_checkpoint):
     work = tmp_path / 'bench'
