@@ -4,6 +4,7 @@ users launch it: tools/dist_train.sh, i.e. torchrun) and under AMP
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
 import subprocess
@@ -65,7 +66,7 @@ def test_stage1_under_torchrun_with_two_ranks(tiny_shapes, fp32_checkpoint,
          str(work), '--cfg-options', *options],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
-    probes = [torch.load(work / f'probe_rank{r}.pt', weights_only=False)
+    probes = [torch.load(work / f'probe_rank{r}.pt', weights_only=True)
               for r in (0, 1)]
     for rank, probe in enumerate(probes):
         assert probe['rank'] == rank and probe['world_size'] == 2
@@ -87,6 +88,17 @@ def test_stage1_under_torchrun_with_two_ranks(tiny_shapes, fp32_checkpoint,
              if not torch.equal(first['trained'][n], first['calibrated'][n])]
     assert moved, 'training did not update the steps'
     assert (work / 'epoch_1.pth').is_file()
+
+    # The same checkpoint evaluated by two ranks (tools/dist_test.sh).
+    out = subprocess.run(
+        ['bash', 'tools/dist_test.sh', str(config), str(work / 'epoch_1.pth'),
+         '2', '--work-dir', str(tmp_path / 'test'), '--cfg-options',
+         *options], cwd=ROOT, env=dict(env, PORT=str(free_port())),
+        capture_output=True, text=True, timeout=300)
+    (tmp_path / 'test.log').write_text(out.stdout + out.stderr)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
+    metrics = json.loads((tmp_path / 'test' / 'metrics.json').read_text())
+    assert 0 <= metrics['coco/bbox_mAP'] <= 1
 
 
 @pytest.mark.parametrize('dtype', HALF, ids=str)

@@ -8,12 +8,4 @@ if [ $# -lt 2 ]; then
     echo "usage: bash tools/dist_train.sh CONFIG GPUS [train.py options]" >&2
     exit 2
 fi
-CONFIG=$1
-GPUS=$2
-HERE=$(cd "$(dirname "$0")" && pwd)
-PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" \
-exec "${PYTHON:-python}" -m torch.distributed.run \
-    --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
-    --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
-    --nproc_per_node="$GPUS" \
-    "$HERE/train.py" "$CONFIG" --launcher pytorch "${@:3}"
+exec bash "$(dirname "$0")/dist_launch.sh" train.py "$2" "$1" "${@:3}"
