@@ -19,7 +19,7 @@ from mmengine.runner import Runner
 
 from . import __version__
 from .checkpoint import atomic_save, safe_load, state_dict_mismatch
-from .hooks import detector_forward, unwrap_model
+from .hooks import detector_forward, training_set_loader, unwrap_model
 from .qwt import compensate_qwt_, qwt_summary
 from .stage2 import (
     PACKED_KEY,
@@ -113,19 +113,16 @@ def check_matches(model: torch.nn.Module, state: dict, path: str) -> None:
 def calibration_loader(runner: Runner, num_batches: int):
     """Training images through the test pipeline (no random augmentation),
     in order: calibration is deterministic."""
-    cfg = copy.deepcopy(runner.cfg.train_dataloader)
-    cfg.sampler = dict(type='DefaultSampler', shuffle=False)
-    cfg.pop('batch_sampler', None)
-    cfg.persistent_workers = False
-    cfg.dataset.pipeline = copy.deepcopy(runner.cfg.test_dataloader.dataset
-                                         .pipeline)
-    loader = Runner.build_dataloader(cfg, seed=0)
+    dataset = copy.deepcopy(runner.cfg.train_dataloader.dataset)
+    dataset.pipeline = copy.deepcopy(runner.cfg.test_dataloader.dataset
+                                     .pipeline)
+    loader = training_set_loader(runner, shuffle=False, dataset=dataset)
     available = len(loader)
     if num_batches > available:
         raise Stage2Error(
             f'--calib-batches {num_batches} is more than the {available} '
             f'batches of the training set ({len(loader.dataset)} images, '
-            f'batch {cfg.batch_size}); use at most {available}')
+            f'batch {loader.batch_size}); use at most {available}')
     return loader
 
 

@@ -39,22 +39,33 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if is_model_wrapper(model) else model
 
 
+def training_set_loader(runner, shuffle: bool, dataset: Any = None
+                        ) -> DataLoader:
+    """A loader of its own over the training set, shared by stage-1 set-up
+    and stage-2 calibration: the config's ``train_dataloader`` with a plain
+    ``DefaultSampler`` (this rank's share, fixed seed) and no batch sampler
+    or persistent workers. ``dataset``: an already built dataset to reuse,
+    else the config's is built."""
+    cfg = copy.deepcopy(runner.cfg.train_dataloader).to_dict()
+    cfg.pop('batch_sampler', None)
+    cfg.update(sampler=dict(type='DefaultSampler', shuffle=shuffle, seed=0),
+               persistent_workers=False)
+    if dataset is not None:
+        cfg['dataset'] = dataset
+    return Runner.build_dataloader(cfg, seed=0)
+
+
 def setup_loader(runner) -> DataLoader:
-    """Training batches for calibration and the PCA fit, from a loader of
-    their own over the runner's training set (same pipeline, this rank's
-    share of the images, shuffled with a fixed seed).
+    """Training batches for calibration and the PCA fit: the runner's
+    training set and pipeline, shuffled, through :func:`training_set_loader`.
 
     Iterating ``runner.train_dataloader`` partway instead would leave mmdet's
     ``AspectRatioBatchSampler`` holding images from the abandoned pass, so
     the epoch would get extra batches, and a different number per rank
     (rank 0 alone fits the PCA basis): under DDP the ranks would then wait
     for each other forever."""
-    cfg = copy.deepcopy(runner.cfg.train_dataloader).to_dict()
-    cfg.pop('batch_sampler', None)
-    cfg.update(dataset=runner.train_dataloader.dataset,
-               sampler=dict(type='DefaultSampler', shuffle=True, seed=0),
-               persistent_workers=False)
-    return Runner.build_dataloader(cfg, seed=0)
+    return training_set_loader(runner, shuffle=True,
+                               dataset=runner.train_dataloader.dataset)
 
 
 def detector_forward(model: nn.Module):
